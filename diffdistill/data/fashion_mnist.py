@@ -1,0 +1,92 @@
+"""Fashion-MNIST (Xiao et al. 2017) read from IDX files, padded to 32x32 and scaled to ``[-1, 1]``.
+
+Search order for the files: an explicit ``root``, ``$DIFFDISTILL_FASHION_MNIST``, the Debian package
+``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``), then (only with ``download=True``)
+torchvision's downloader into the project cache.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffdistill.data.images import ImageTensorDataset
+from diffdistill.utils.paths import cache_dir
+
+DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a uint8 array, checking its magic number."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"could not read IDX file {path}: {e}") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not a uint8 IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {data.size}")
+    return data.reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        if (root / name).exists():
+            return root / name
+    return None
+
+
+def locate_fashion_mnist(root: str | None = None, download: bool = False) -> Path:
+    candidates = [Path(p) for p in (root, os.environ.get("DIFFDISTILL_FASHION_MNIST"), DEBIAN_ROOT) if p]
+    for c in candidates:
+        if c.is_dir() and _find(c, _FILES["train"][0]) is not None:
+            return c
+    if download:
+        from torchvision.datasets import FashionMNIST as TVFashion
+
+        target = cache_dir() / "datasets"
+        TVFashion(str(target), train=True, download=True)
+        TVFashion(str(target), train=False, download=True)
+        return target / "FashionMNIST" / "raw"
+    if root is not None and not Path(root).exists():
+        raise FileNotFoundError(f"Fashion-MNIST root '{root}' does not exist.")
+    raise FileNotFoundError(
+        "Fashion-MNIST IDX files not found (looked in: "
+        + ", ".join(str(c) for c in candidates)
+        + "). Install the Debian package `dataset-fashion-mnist`, point `data.root` (or "
+        "$DIFFDISTILL_FASHION_MNIST) at a folder with train-images-idx3-ubyte.gz etc., or set `data.download=true`."
+    )
+
+
+def FashionMNIST(root: str | None = None, split: str = "train", resolution: int = 32, download: bool = False,
+                 limit: int | None = None) -> ImageTensorDataset:
+    """Fashion-MNIST as an in-memory :class:`ImageTensorDataset` (uint8, padded to ``resolution``)."""
+    if split not in _FILES:
+        raise ValueError(f"split must be one of {list(_FILES)}, got '{split}'")
+    folder = locate_fashion_mnist(root, download)
+    img_stem, lab_stem = _FILES[split]
+    images = read_idx(_find(folder, img_stem))
+    labels = read_idx(_find(folder, lab_stem))
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    images = torch.from_numpy(images.copy())[:, None]  # [N, 1, 28, 28]
+    if resolution != 28:
+        pad = resolution - 28
+        if pad < 0 or pad % 2:
+            raise ValueError(f"resolution must be 28 or 28 + an even number, got {resolution}")
+        images = torch.nn.functional.pad(images, (pad // 2,) * 4)
+    return ImageTensorDataset(images, torch.from_numpy(labels.astype(np.int64)), num_classes=10,
+                              name=f"fashion_mnist-{split}-{resolution}", class_names=CLASSES)

@@ -1,0 +1,131 @@
+"""Image datasets held in memory as uint8 and served as ``[-1, 1]`` float batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffdistill.models.conditioning import Conditioning
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass
+class Batch:
+    """One training batch: real samples (``None`` for data-free objectives) and their conditioning."""
+
+    x0: Tensor | None
+    cond: Conditioning = field(default_factory=Conditioning)
+
+    @property
+    def batch_size(self) -> int:
+        return self.x0.shape[0] if self.x0 is not None else self.cond.batch_size
+
+    def to(self, device) -> Batch:
+        return Batch(None if self.x0 is None else self.x0.to(device), self.cond.to(device))
+
+
+class ImageTensorDataset:
+    """uint8 images ``[N, C, H, W]`` with optional int labels; ``get(idx)`` returns floats in ``[-1, 1]``."""
+
+    def __init__(self, images: Tensor, labels: Tensor | None = None, num_classes: int | None = None,
+                 name: str = "images", class_names: tuple[str, ...] | None = None):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels is not None and labels.shape[0] != images.shape[0]:
+            raise ValueError("images and labels differ in length")
+        self.images, self.labels, self.name, self.class_names = images, labels, name, class_names
+        self.num_classes = num_classes if labels is not None else None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def get(self, idx: Tensor) -> Batch:
+        x0 = self.images[idx].float() / 127.5 - 1.0
+        labels = self.labels[idx] if self.labels is not None else None
+        return Batch(x0, Conditioning(class_labels=labels))
+
+    def uint8(self, idx: Tensor | slice) -> Tensor:
+        return self.images[idx]
+
+
+def ImageFolder(root: str, resolution: int, channels: int = 3, class_subfolders: bool = False,
+                limit: int | None = None) -> ImageTensorDataset:
+    """A plain folder of images (recursively), centre-cropped and resized to ``resolution``.
+
+    With ``class_subfolders=True`` each first-level subfolder is a class (sorted by name).
+    """
+    from PIL import Image
+
+    root_p = Path(root)
+    if not root_p.is_dir():
+        raise FileNotFoundError(f"image folder '{root}' does not exist")
+    files = sorted(p for p in root_p.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if limit is not None:
+        files = files[:limit]
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{root}'")
+    classes = sorted({p.relative_to(root_p).parts[0] for p in files}) if class_subfolders else None
+    arrays, labels = [], []
+    mode = {1: "L", 3: "RGB"}[channels]
+    for p in files:
+        im = Image.open(p).convert(mode)
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        im = im.resize((resolution, resolution), Image.BICUBIC)
+        a = np.asarray(im, dtype=np.uint8)
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        if classes is not None:
+            labels.append(classes.index(p.relative_to(root_p).parts[0]))
+    images = torch.from_numpy(np.stack(arrays))
+    lab = torch.tensor(labels) if classes is not None else None
+    return ImageTensorDataset(images, lab, len(classes) if classes else None, name=f"folder-{root_p.name}-{resolution}",
+                              class_names=tuple(classes) if classes else None)
+
+
+class InfiniteBatcher:
+    """Endless shuffled batches with an exactly resumable position (epoch, offset, seed).
+
+    The permutation of epoch ``e`` depends only on ``(seed, e)``, so saving ``state_dict()`` and loading
+    it later continues the same sequence bit for bit.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, drop_last: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.epoch, self.offset = 0, 0
+        self._perm: Tensor | None = None
+
+    def _permutation(self) -> Tensor:
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm = torch.randperm(len(self.dataset), generator=g)
+        return self._perm
+
+    def next(self) -> Batch:
+        n = len(self.dataset)
+        if self.offset + self.batch_size > n:
+            self.epoch, self.offset, self._perm = self.epoch + 1, 0, None
+        idx = self._permutation()[self.offset : self.offset + self.batch_size]
+        self.offset += self.batch_size
+        return self.dataset.get(idx)
+
+    def __iter__(self):
+        while True:
+            yield self.next()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset, self.seed, self._perm = state["epoch"], state["offset"], state["seed"], None

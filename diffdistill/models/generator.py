@@ -1,0 +1,87 @@
+"""The student: a trainable denoiser used as a one-step or few-step generator."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from diffdistill.conventions import as_sigma
+from diffdistill.models.conditioning import Conditioning, as_conditioning
+from diffdistill.models.denoiser import Denoiser
+from diffdistill.sampling import multistep_sample, tcd_sample
+
+
+class Generator(nn.Module):
+    """One step: ``x0 = D(sigma_init z, sigma_init, cond)``; few steps: :meth:`sample` over a sigma list.
+
+    Args:
+        denoiser: the trainable denoiser (usually a deep copy of the teacher's).
+        sigma_init: the noise level of the one-step input (80 for EDM teachers, 2.5 for SiD).
+        sampling_sigmas: the default few-step sigma list (``[sigma_init]`` = one step).
+    """
+
+    def __init__(self, denoiser: Denoiser, sigma_init: float = 80.0, sampling_sigmas: list[float] | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.sigma_init = float(sigma_init)
+        self.sampling_sigmas = [float(s) for s in (sampling_sigmas or [sigma_init])]
+
+    sigma_data = property(lambda self: self.denoiser.sigma_data)
+    sigma_min = property(lambda self: self.denoiser.sigma_min)
+    sigma_max = property(lambda self: self.denoiser.sigma_max)
+    num_classes = property(lambda self: self.denoiser.num_classes)
+    sample_shape = property(lambda self: self.denoiser.sample_shape)
+
+    @classmethod
+    def from_teacher(cls, teacher: nn.Module, sigma_init: float = 80.0, sampling_sigmas: list[float] | None = None) -> Generator:
+        """Deep-copy the teacher's denoiser (trainable) as the student's initialisation."""
+        den = copy.deepcopy(getattr(teacher, "denoiser", teacher)).requires_grad_(True).train()
+        return cls(den, sigma_init, sampling_sigmas)
+
+    def denoise(self, x: Tensor, sigma: Tensor | float, cond: Conditioning | None = None) -> Tensor:
+        return self.denoiser(x, as_sigma(sigma, x.shape[0], x.device), cond)
+
+    def forward(self, z: Tensor, cond: Conditioning | None = None, sigma: float | Tensor | None = None) -> Tensor:
+        """One-step generation from unit noise ``z`` (optionally at another input sigma)."""
+        s = self.sigma_init if sigma is None else sigma
+        sigma_t = as_sigma(s, z.shape[0], z.device)
+        from diffdistill.conventions import append_dims
+
+        return self.denoiser(append_dims(sigma_t, z.ndim) * z, sigma_t, as_conditioning(cond))
+
+    def sample(self, z: Tensor, cond: Conditioning | None = None, sigmas: list[float] | None = None,
+               generator: torch.Generator | None = None, gamma: float | None = None) -> Tensor:
+        """Few-step sampling: consistency multistep (default) or TCD gamma sampling when ``gamma`` is set."""
+        sigmas = self.sampling_sigmas if sigmas is None else [float(s) for s in sigmas]
+        if gamma is not None:
+            return tcd_sample(self.denoise, z, sigmas, gamma, cond, generator)
+        return multistep_sample(self.denoise, z, sigmas, cond, generator)
+
+
+class FakeScore(nn.Module):
+    """A trainable denoiser that tracks the generator's distribution (DMD, SiD, SIM...).
+
+    Initialised from the teacher (deep copy); trained by denoising score matching on detached samples.
+    """
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    sigma_data = property(lambda self: self.denoiser.sigma_data)
+    sigma_min = property(lambda self: self.denoiser.sigma_min)
+    sigma_max = property(lambda self: self.denoiser.sigma_max)
+    num_classes = property(lambda self: self.denoiser.num_classes)
+    sample_shape = property(lambda self: self.denoiser.sample_shape)
+
+    @classmethod
+    def from_teacher(cls, teacher: nn.Module) -> FakeScore:
+        return cls(copy.deepcopy(getattr(teacher, "denoiser", teacher)).requires_grad_(True).train())
+
+    def forward(self, x: Tensor, sigma: Tensor | float, cond: Conditioning | None = None) -> Tensor:
+        return self.denoiser(x, as_sigma(sigma, x.shape[0], x.device), cond)
+
+    def features(self, x, sigma, cond=None):
+        return self.denoiser.features(x, sigma, cond)

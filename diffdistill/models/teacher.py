@@ -1,0 +1,86 @@
+"""The teacher role: a frozen denoiser with classifier-free guidance applied inside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from diffdistill.conventions import as_sigma, cfg_combine
+from diffdistill.models.conditioning import Conditioning, as_conditioning
+from diffdistill.models.denoiser import Denoiser
+
+
+class Teacher(nn.Module):
+    """Frozen denoiser + CFG ``x0_u + w (x0_c - x0_u)`` computed in one batched forward of ``[cond; uncond]``.
+
+    Parameters are frozen; inputs stay differentiable (SiD and SIM backpropagate through the teacher).
+
+    Args:
+        denoiser: the pretrained denoiser.
+        guidance_scale: CFG scale ``w`` (1 = no guidance, the default).
+    """
+
+    def __init__(self, denoiser: Denoiser, guidance_scale: float = 1.0):
+        super().__init__()
+        self.denoiser = denoiser.eval().requires_grad_(False)
+        self.guidance_scale = float(guidance_scale)
+
+    # the denoiser's attributes, so a Teacher can stand wherever a Denoiser is expected
+    sigma_data = property(lambda self: self.denoiser.sigma_data)
+    sigma_min = property(lambda self: self.denoiser.sigma_min)
+    sigma_max = property(lambda self: self.denoiser.sigma_max)
+    num_classes = property(lambda self: self.denoiser.num_classes)
+    sample_shape = property(lambda self: self.denoiser.sample_shape)
+
+    def train(self, mode: bool = True) -> Teacher:  # a teacher is always in eval mode
+        return super().train(False)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, cond: Conditioning | None = None,
+                guidance_scale: float | Tensor | None = None) -> Tensor:
+        sigma = as_sigma(sigma, x.shape[0], x.device)
+        cond = as_conditioning(cond)
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        if not self._guided(cond, w):
+            return self.denoiser(x, sigma, cond)
+        uncond = cond.with_null_class(self.num_classes)
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([cond, uncond]))
+        x0_c, x0_u = both.chunk(2)
+        return cfg_combine(x0_u, x0_c, w)
+
+    def _guided(self, cond: Conditioning, w) -> bool:
+        if cond.class_labels is None or self.num_classes is None:
+            return False
+        return torch.is_tensor(w) or w != 1.0
+
+    def features(self, x, sigma, cond=None):
+        return self.denoiser.features(x, sigma, cond)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, guidance_scale: float = 1.0) -> Teacher:
+        """Load a teacher from a diffdistill model folder (``config.json`` + ``model.safetensors``),
+        a diffdistill training checkpoint, or the name of a packaged teacher (``fashion_mnist``)."""
+        from diffdistill.models.io import load_model
+        from diffdistill.utils.paths import ASSETS
+
+        p = Path(path)
+        packaged = ASSETS / "teachers" / str(path)
+        if not p.exists() and packaged.exists():
+            p = packaged
+        if not p.exists():
+            avail = sorted(d.name for d in (ASSETS / "teachers").iterdir() if d.is_dir()) if (ASSETS / "teachers").exists() else []
+            raise FileNotFoundError(f"teacher '{path}' not found: give a model folder, a checkpoint file, or one of "
+                                    f"the packaged teachers {avail}")
+        if p.is_file():
+            from diffdistill.training.checkpoint import load_checkpoint
+
+            state = load_checkpoint(p)
+            if "model_config" not in state:
+                raise ValueError(f"checkpoint '{p}' holds no model config; export a model folder first")
+            from diffdistill.models.io import build_from_config
+
+            model = build_from_config(state["model_config"])
+            model.load_state_dict(state.get("ema", state["model"])["module"] if "ema" in state else state["model"])
+            return cls(model, guidance_scale)
+        return cls(load_model(p), guidance_scale)

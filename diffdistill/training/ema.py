@@ -1,0 +1,46 @@
+"""Exponential moving average of a module's parameters (and buffers)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """EMA track ``theta_ema <- beta theta_ema + (1 - beta) theta``.
+
+    Args:
+        model: the online module (not modified).
+        decay: ``beta``; or give ``half_life_steps`` instead (``beta = 0.5 ** (1 / h)``).
+        warmup_steps: use ``min(beta, (1 + step) / (10 + step))`` while ``step < warmup_steps``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float | None = 0.999, half_life_steps: float | None = None,
+                 warmup_steps: int = 0):
+        if half_life_steps is not None:
+            decay = 0.5 ** (1.0 / half_life_steps)
+        if decay is None or not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay, self.warmup_steps = float(decay), warmup_steps
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        beta = self.decay
+        if self.num_updates < self.warmup_steps:
+            beta = min(beta, (1 + self.num_updates) / (10 + self.num_updates))
+        for pe, p in zip(self.module.parameters(), model.parameters()):
+            pe.lerp_(p.detach().to(pe.dtype), 1.0 - beta)
+        for be, b in zip(self.module.buffers(), model.buffers()):
+            be.copy_(b)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.num_updates = state["num_updates"]
