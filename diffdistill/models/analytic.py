@@ -54,6 +54,11 @@ class GaussianDenoiser(Denoiser):
         sig2 = append_dims(sigma, x.ndim) ** 2
         return self.mean + s2 / (s2 + sig2) * (x - self.mean)
 
+    def trainable_copy(self) -> GaussianDenoiser:
+        """A trainable copy (``mu``, ``log s`` as parameters): the exact fake score family for Gaussian students."""
+        return GaussianDenoiser(self.mean.detach(), self.std.detach(), self.sigma_data, self.sigma_min,
+                                self.sigma_max, trainable=True)
+
     def score(self, x: Tensor, sigma: Tensor) -> Tensor:
         """``grad log p_sigma(x) = -(x - mu) / (s^2 + sigma^2)``."""
         return -(x - self.mean) / (self.std**2 + append_dims(sigma, x.ndim) ** 2)
@@ -114,3 +119,25 @@ class GaussianMixtureDenoiser(Denoiser):
             labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.means.shape[1], generator=generator)
         return self.means[labels] + self.stds[labels, None] * z, labels
+
+
+class AffineDenoiser(Denoiser):
+    """A toy student ``D(x, sigma) = a x / sigma + b`` so that one step from ``sigma z`` gives ``a z + b``.
+
+    The Gaussian toolkit of losses.md §9.1 parametrises the generator as ``x_g = a z + b``; the optimum is
+    ``|a| = s``, ``b = mu``. ``a = 0`` is a stationary point of every method, so initialise ``a != 0``.
+    """
+
+    def __init__(self, dim: int = 16, a_init: float = 0.5, b_init: float = -0.2, sigma_data: float = 0.5,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__()
+        self.a = nn.Parameter(torch.full((dim,), float(a_init)))
+        self.b = nn.Parameter(torch.full((dim,), float(b_init)))
+        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.a.shape)
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        return self.a * x / append_dims(sigma, x.ndim) + self.b

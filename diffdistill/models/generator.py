@@ -13,6 +13,14 @@ from diffdistill.models.denoiser import Denoiser
 from diffdistill.sampling import multistep_sample, tcd_sample
 
 
+def trainable_copy(teacher: nn.Module) -> Denoiser:
+    """A trainable deep copy of the teacher's denoiser (analytic denoisers provide ``trainable_copy``)."""
+    den = getattr(teacher, "denoiser", teacher)
+    if hasattr(den, "trainable_copy"):
+        return den.trainable_copy().train()
+    return copy.deepcopy(den).requires_grad_(True).train()
+
+
 class Generator(nn.Module):
     """One step: ``x0 = D(sigma_init z, sigma_init, cond)``; few steps: :meth:`sample` over a sigma list.
 
@@ -37,8 +45,7 @@ class Generator(nn.Module):
     @classmethod
     def from_teacher(cls, teacher: nn.Module, sigma_init: float = 80.0, sampling_sigmas: list[float] | None = None) -> Generator:
         """Deep-copy the teacher's denoiser (trainable) as the student's initialisation."""
-        den = copy.deepcopy(getattr(teacher, "denoiser", teacher)).requires_grad_(True).train()
-        return cls(den, sigma_init, sampling_sigmas)
+        return cls(trainable_copy(teacher), sigma_init, sampling_sigmas)
 
     def denoise(self, x: Tensor, sigma: Tensor | float, cond: Conditioning | None = None) -> Tensor:
         return self.denoiser(x, as_sigma(sigma, x.shape[0], x.device), cond)
@@ -78,7 +85,7 @@ class FakeScore(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module) -> FakeScore:
-        return cls(copy.deepcopy(getattr(teacher, "denoiser", teacher)).requires_grad_(True).train())
+        return cls(trainable_copy(teacher))
 
     def forward(self, x: Tensor, sigma: Tensor | float, cond: Conditioning | None = None) -> Tensor:
         return self.denoiser(x, as_sigma(sigma, x.shape[0], x.device), cond)

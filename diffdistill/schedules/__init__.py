@@ -3,6 +3,7 @@
 from diffdistill.schedules.discrete import DDPMSchedule
 from diffdistill.schedules.flow import flow_shift, sigma_to_u, u_to_sigma
 from diffdistill.schedules.karras import (
+    KarrasSchedule,
     LogNormalSigma,
     LogUniformSigma,
     SigmaSampler,
@@ -11,6 +12,7 @@ from diffdistill.schedules.karras import (
 
 __all__ = [
     "DDPMSchedule",
+    "KarrasSchedule",
     "LogNormalSigma",
     "LogUniformSigma",
     "SigmaSampler",

@@ -66,3 +66,22 @@ class LogUniformSigma(SigmaSampler):
 
     def log_prob(self, sigma: Tensor) -> Tensor:
         return -sigma.log() - math.log(math.log(self.sigma_max) - math.log(self.sigma_min))
+
+
+@dataclass
+class KarrasSchedule:
+    """The Karras noise range and discretisation that objectives index into.
+
+    Args:
+        sigma_min, sigma_max, rho: the grid of Eq. 5 of Karras et al. (2022).
+        num_scales: default number of grid points (DMD2 indexes a 1000-level grid; CD uses N = 18/40).
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    num_scales: int = 1000
+
+    def sigmas(self, n: int | None = None, ascending: bool = False) -> Tensor:
+        s = karras_sigmas(n or self.num_scales, self.sigma_min, self.sigma_max, self.rho)
+        return s.flip(0) if ascending else s

@@ -1,0 +1,118 @@
+"""The objective contract (design §3): what every distillation method implements.
+
+An objective is a plain object built by keyword from the roles it needs (``teacher``, ``generator`` and,
+per method, ``fake_score``, ``discriminator``, ``target_generator``) plus its hyperparameters, whose
+defaults are the paper's. It returns per-sample losses; the trainer owns backward, optimisers,
+gradient state, devices and precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import Tensor
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+@dataclass(frozen=True)
+class Paper:
+    title: str
+    arxiv: str
+    authors: str = ""
+    year: int | None = None
+
+
+@dataclass
+class LossOutput:
+    """A per-sample loss ``[B]`` (the trainer reduces it) and detached scalars for logging."""
+
+    loss: Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.loss.ndim != 1:
+            raise ValueError(f"LossOutput.loss must be per-sample [B], got shape {tuple(self.loss.shape)}")
+
+
+@dataclass
+class UpdateSchedule:
+    """How critic and generator updates interleave.
+
+    Each training iteration performs one critic update (when the objective has a critic) and, on
+    iterations where :meth:`is_generator_step` holds, one generator update before it.
+
+    Args:
+        critic_steps_per_generator_step: DMD2's TTUR ratio (5 on ImageNet: 5 fake updates per generator update).
+        generator_warmup_steps: critic-only iterations at the start.
+    """
+
+    critic_steps_per_generator_step: int = 1
+    generator_warmup_steps: int = 0
+
+    def is_generator_step(self, step: int) -> bool:
+        if step < self.generator_warmup_steps:
+            return False
+        return (step - self.generator_warmup_steps) % self.critic_steps_per_generator_step == 0
+
+
+@dataclass(frozen=True)
+class PassCount:
+    """Network passes of one training iteration, in units of one forward of the backbone at the batch size.
+
+    ``forward`` counts forwards without a graph; ``forward_grad`` forwards that build a graph;
+    ``backward`` backward passes (each ~2 forwards); ``jvp`` forward-mode passes. Used by the benchmarks
+    to compare measured cost with the pass-count estimate (peers.md §4.1).
+    """
+
+    forward: float = 0.0
+    forward_grad: float = 0.0
+    backward: float = 0.0
+    jvp: float = 0.0
+
+    def cost(self, backward_cost: float = 2.0, jvp_cost: float = 3.0) -> float:
+        """Estimated cost relative to one no-grad forward."""
+        return self.forward + self.forward_grad + backward_cost * self.backward + jvp_cost * self.jvp
+
+
+class Objective:
+    """Base class of every distillation objective.
+
+    Class attributes:
+        name: registry key (also the config file name under ``configs/objective``).
+        paper: the citation.
+        roles: trainable roles the trainer must build, optimise and checkpoint.
+        frozen_roles: non-trainable roles the trainer builds and checkpoints (e.g. an EMA target).
+        requires_real_data: whether batches must carry real samples (GAN terms, consistency training).
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[Paper | None] = None
+    roles: ClassVar[tuple[str, ...]] = ("generator",)
+    frozen_roles: ClassVar[tuple[str, ...]] = ()
+    requires_real_data: ClassVar[bool] = False
+    update_schedule: UpdateSchedule = UpdateSchedule()
+
+    def generator_loss(self, batch, step: int) -> LossOutput:
+        raise NotImplementedError
+
+    def critic_loss(self, batch, step: int) -> LossOutput | None:
+        return None
+
+    def on_step_end(self, step: int) -> None:
+        """Hook after each iteration (target-network EMA updates)."""
+
+    def pass_count(self) -> PassCount:
+        """Backbone passes of one iteration (averaged over the update schedule)."""
+        raise NotImplementedError
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: add ``cls`` to :data:`OBJECTIVES` under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no `name`")
+    if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
+        raise ValueError(f"objective name '{cls.name}' is already registered by {OBJECTIVES[cls.name].__name__}")
+    OBJECTIVES[cls.name] = cls
+    return cls

@@ -1,0 +1,59 @@
+"""Shared math of the objectives, as pure functions (design §3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from diffdistill.conventions import append_dims
+from diffdistill.models.denoiser import edm_loss_weight
+
+
+def per_sample_mean(x: Tensor) -> Tensor:
+    """Mean over all but the batch dim: ``[B, ...] -> [B]``."""
+    return x.flatten(1).mean(1)
+
+
+def add_noise(x0: Tensor, sigma: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Forward process of the EDM convention ``x = x0 + sigma eps``; returns ``(x, eps)``."""
+    eps = torch.randn_like(x0) if noise is None else noise
+    return x0 + append_dims(sigma, x0.ndim) * eps, eps
+
+
+def gradient_injection_loss(x: Tensor, grad: Tensor) -> Tensor:
+    """Surrogate ``1/2 mean((x - sg(x - g))^2)`` per sample whose gradient w.r.t. ``x`` is ``g / numel`` (losses.md §1.4).
+
+    Returned per sample as ``1/2 sum_elements(...) / numel_total * B`` so that the trainer's batch mean
+    reproduces DMD2's global mean exactly.
+    """
+    target = (x - grad).detach()
+    return 0.5 * per_sample_mean((x - target) ** 2)
+
+
+def denoising_score_matching_loss(denoiser, x0: Tensor, sigma: Tensor, cond, weighting: str = "edm") -> Tensor:
+    """Per-sample fake-score loss ``lambda(sigma) mean ||D(x0 + sigma eps, sigma) - x0||^2`` (EDM Eq. 8).
+
+    ``weighting``: ``"edm"`` uses ``lambda = 1/sigma^2 + 1/sigma_d^2`` (DMD2's EDM code), ``"none"`` uses 1.
+    """
+    x, _ = add_noise(x0, sigma)
+    err = per_sample_mean((denoiser(x, sigma, cond) - x0) ** 2)
+    if weighting == "edm":
+        return edm_loss_weight(sigma, denoiser.sigma_data) * err
+    if weighting == "none":
+        return err
+    raise ValueError(f"unknown weighting '{weighting}' (use 'edm' or 'none')")
+
+
+def karras_index_sigmas(sigmas_ascending: Tensor, batch: int, k_min: int, k_max: int, device) -> Tensor:
+    """Draw ``k ~ U{k_min..k_max}`` and return ``sigma_k`` of an ascending grid (DMD2's timestep sampling)."""
+    k = torch.randint(k_min, k_max + 1, (batch,), device="cpu")
+    return sigmas_ascending[k].to(device=device, dtype=torch.float32)
+
+
+def pseudo_huber(diff: Tensor, c: float) -> Tensor:
+    """Pseudo-Huber on the flattened per-sample norm: ``sqrt(||d||^2 + c^2) - c`` (iCT, Song & Dhariwal 2023, Eq. 10)."""
+    return (diff.flatten(1).pow(2).sum(1) + c**2).sqrt() - c
+
+
+def sample_noise(shape: tuple[int, ...], batch: int, device, dtype=torch.float32) -> Tensor:
+    return torch.randn(batch, *shape, device=device, dtype=dtype)
