@@ -43,6 +43,7 @@ __all__ = [
     "trigflow_F_to_x0",
     "x0_to_trigflow_F",
     "cfg_combine",
+    "consistency_precond",
 ]
 
 
@@ -178,3 +179,16 @@ def cfg_combine(x0_uncond: Tensor, x0_cond: Tensor, w: Tensor | float) -> Tensor
 
 
 PI_2 = math.pi / 2
+
+
+def consistency_precond(sigma: Tensor, sigma_data: float, sigma_min: float) -> tuple[Tensor, Tensor]:
+    """Boundary-condition scalings of consistency models (Song et al. 2023, App. C; losses.md §2).
+
+    ``c_skip = sigma_d^2 / ((sigma - sigma_min)^2 + sigma_d^2)``, ``c_out = (sigma - sigma_min) sigma_d /
+    sqrt(sigma^2 + sigma_d^2)`` (the denominator of ``c_out`` uses ``sigma``, not ``sigma - sigma_min``), so
+    ``f(x, sigma_min) = x`` exactly.
+    """
+    d = sigma - sigma_min
+    c_skip = sigma_data**2 / (d**2 + sigma_data**2)
+    c_out = d * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    return c_skip, c_out

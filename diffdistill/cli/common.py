@@ -20,6 +20,6 @@ def friendly_errors():
     """Turn expected user errors (missing files, bad values) into one clear message and exit code 2."""
     try:
         yield
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"diffdistill: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -83,10 +83,13 @@ def FashionMNIST(root: str | None = None, split: str = "train", resolution: int 
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     images = torch.from_numpy(images.copy())[:, None]  # [N, 1, 28, 28]
-    if resolution != 28:
+    if resolution > 28:
         pad = resolution - 28
-        if pad < 0 or pad % 2:
-            raise ValueError(f"resolution must be 28 or 28 + an even number, got {resolution}")
+        if pad % 2:
+            raise ValueError(f"resolution above 28 must be 28 + an even number (padding), got {resolution}")
         images = torch.nn.functional.pad(images, (pad // 2,) * 4)
+    elif resolution < 28:  # downsampled copies for smoke tests (area average of the 32x32 padded image)
+        padded = torch.nn.functional.pad(images, (2, 2, 2, 2)).float()
+        images = torch.nn.functional.interpolate(padded, size=(resolution, resolution), mode="area").round().to(torch.uint8)
     return ImageTensorDataset(images, torch.from_numpy(labels.astype(np.int64)), num_classes=10,
                               name=f"fashion_mnist-{split}-{resolution}", class_names=CLASSES)

@@ -1,0 +1,144 @@
+"""Build a distillation experiment (teacher, roles, objective, data, trainer) from a Hydra config."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from diffdistill.models.generator import FakeScore, Generator
+from diffdistill.models.teacher import Teacher
+from diffdistill.objectives.base import OBJECTIVES, Objective
+
+
+@dataclass
+class Experiment:
+    teacher: Teacher
+    roles: dict[str, nn.Module]
+    dataset: Any
+    objective: Objective | None
+    objective_cls: type[Objective]
+
+
+def _instantiate(node: DictConfig, what: str, **kwargs):
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, (FileNotFoundError, ValueError)):
+            raise cause from None
+        raise ValueError(f"could not build the {what} from its config: {cause}") from None
+
+
+def build_teacher(backbone: DictConfig, dataset) -> Teacher:
+    """``backbone`` builds a :class:`Teacher` (or a partial that takes ``dataset``, for analytic teachers)."""
+    teacher = _instantiate(backbone, "teacher (backbone group)")
+    if isinstance(teacher, functools.partial):
+        teacher = teacher(dataset=dataset)
+    if not isinstance(teacher, Teacher):
+        teacher = Teacher(teacher)
+    return teacher
+
+
+def analytic_teacher(dataset, guidance_scale: float = 1.0) -> Teacher:
+    """The exact teacher of a toy dataset (``GaussianToy`` / ``GaussianMixtureToy``)."""
+    if not hasattr(dataset, "teacher"):
+        raise ValueError(f"dataset {type(dataset).__name__} has no analytic teacher; use a toy dataset")
+    return Teacher(dataset.teacher(), guidance_scale)
+
+
+def objective_class(node: DictConfig) -> type[Objective]:
+    target = node.get("_target_")
+    if target is None:
+        raise ValueError("objective config has no _target_")
+    module, _, name = target.rpartition(".")
+    import importlib
+
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, Objective)):
+        raise ValueError(f"objective _target_ '{target}' is not an Objective subclass")
+    return cls
+
+
+def build_roles(objective_cls: type[Objective], teacher: Teacher, student: DictConfig) -> dict[str, nn.Module]:
+    """Build the trainable and frozen roles the objective declares (each initialised from the teacher)."""
+    roles: dict[str, nn.Module] = {}
+    den = _instantiate(student.denoiser, "student denoiser") if student.get("denoiser") else None
+    sampling = list(student.sampling_sigmas) if student.get("sampling_sigmas") else None
+    if den is not None:
+        roles["generator"] = Generator(den, student.sigma_init, sampling)
+    else:
+        roles["generator"] = Generator.from_teacher(teacher, student.sigma_init, sampling)
+    for r in (*objective_cls.roles, *objective_cls.frozen_roles):
+        if r in roles:
+            continue
+        if r == "fake_score":
+            roles[r] = FakeScore.from_teacher(teacher)
+        elif r == "target_generator":
+            roles[r] = copy.deepcopy(roles["generator"]).requires_grad_(False)
+        elif hasattr(objective_cls, "build_role"):
+            roles[r] = objective_cls.build_role(r, teacher=teacher, roles=roles)
+        else:
+            raise ValueError(f"don't know how to build role '{r}' of objective '{objective_cls.name}'")
+    for r in objective_cls.frozen_roles:
+        roles[r].requires_grad_(False)
+    return roles
+
+
+def make_objective(node: DictConfig, objective_cls: type[Objective], teacher: Teacher, roles: dict[str, nn.Module],
+                    schedule=None) -> Objective:
+    factory = _instantiate(node, f"objective '{objective_cls.name}'")
+    params = inspect.signature(objective_cls.__init__).parameters
+    kw: dict[str, Any] = {"teacher": teacher}
+    kw.update({k: v for k, v in roles.items() if k in params})
+    if "schedule" in params and schedule is not None and "schedule" not in (factory.keywords or {}):
+        kw["schedule"] = schedule
+    try:
+        return factory(**kw)
+    except TypeError as e:
+        raise ValueError(f"objective '{objective_cls.name}': {e}") from None
+
+
+def build_experiment(cfg: DictConfig, with_objective: bool = True) -> Experiment:
+    """Everything except the trainer: dataset, teacher, roles and (optionally) the objective."""
+    dataset = _instantiate(cfg.data, "dataset (data group)")
+    teacher = build_teacher(cfg.backbone, dataset)
+    objective_cls = objective_class(cfg.objective)
+    if objective_cls.name not in OBJECTIVES:
+        raise ValueError(f"objective {objective_cls.__name__} is not registered")
+    roles = build_roles(objective_cls, teacher, cfg.student)
+    schedule = _instantiate(cfg.schedule, "schedule") if cfg.get("schedule") else None
+    obj = make_objective(cfg.objective, objective_cls, teacher, roles, schedule) if with_objective else None
+    return Experiment(teacher, roles, dataset, obj, objective_cls)
+
+
+def build_trainer(cfg: DictConfig, evaluator=None):
+    """The full run: experiment + :class:`DistillTrainer` with the resolved config recorded."""
+    from diffdistill.training.trainer import DistillTrainer, TrainerConfig
+
+    exp = build_experiment(cfg)
+    tcfg = _instantiate(cfg.trainer, "trainer")
+    if not isinstance(tcfg, TrainerConfig):
+        raise ValueError("trainer group must build a TrainerConfig")
+    optim = _instantiate(cfg.optim, "optimizer (optim group)")
+    roles = dict(exp.roles)
+    return DistillTrainer(exp.objective, roles, exp.teacher, exp.dataset, cfg.run_dir, tcfg, optim, evaluator,
+                          OmegaConf.to_container(cfg, resolve=True))
+
+
+def build_evaluator(cfg: DictConfig):
+    """The in-loop evaluator of the ``eval`` group, or ``None`` when the group builds no callable."""
+    if not cfg.get("eval"):
+        return None
+    ev = _instantiate(cfg.eval, "evaluator (eval group)")
+    if isinstance(ev, functools.partial):
+        exp_data = _instantiate(cfg.data, "dataset (data group)")
+        ev = ev(reference=exp_data)
+    return ev if callable(ev) and not isinstance(ev, dict) else None

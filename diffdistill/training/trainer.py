@@ -1,0 +1,408 @@
+"""The one training loop of diffdistill (design §4), on ``accelerate``.
+
+Every objective runs here: one optimiser per trainable role, the objective's update schedule, gradient
+clipping, skip-and-log on non-finite losses or gradients, EMA tracks of the generator, sample grids
+(teacher many-step beside student one-step, same seeds), in-loop evaluation, JSONL/TensorBoard logs,
+and atomic checkpoints that hold everything needed to continue the same trajectory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffdistill.data.images import InfiniteBatcher
+from diffdistill.models.conditioning import Conditioning
+from diffdistill.objectives.base import Objective
+from diffdistill.sampling import heun_sample
+from diffdistill.schedules.karras import karras_sigmas
+from diffdistill.training.checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from diffdistill.training.ema import EMA
+from diffdistill.training.logging import RunLogger
+from diffdistill.training.optim import OptimizerSpec
+from diffdistill.utils.images import save_side_by_side
+
+log = logging.getLogger("diffdistill")
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after too many consecutive non-finite updates (the run is diverging, not glitching)."""
+
+
+@dataclass
+class TrainerConfig:
+    """Loop settings (``configs/trainer/*.yaml``).
+
+    Args:
+        max_steps: training iterations (each = one critic update and, on schedule, a generator update).
+        batch_size: samples per iteration.
+        grad_clip: max gradient norm per role (DMD2: 10); ``0`` disables clipping.
+        ema_decays: generator EMA tracks kept beside the online weights.
+        mixed_precision: accelerate's ``no`` / ``bf16`` / ``fp16``; on CPU always ``no`` (fp32).
+        device: ``cpu``, ``cuda`` or ``auto``.
+        log_every, sample_every, checkpoint_every, eval_every: intervals in iterations (0 = never).
+        keep_checkpoints: how many step checkpoints to keep (``last.pt`` is always kept).
+        resume: ``null`` (fresh run; refuses a folder that holds checkpoints), ``auto`` (latest in the
+            run folder, or fresh) or a checkpoint path.
+        max_nonfinite_streak: consecutive skipped updates before the run stops with an error.
+        num_threads: ``torch.set_num_threads`` (CPU).
+        num_grid_samples: images in each sample grid.
+        teacher_sample_steps: Heun steps of the teacher grid.
+        compile: ``torch.compile`` the trainable roles.
+        channels_last: memory format of image roles.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_clip: float = 10.0
+    ema_decays: list[float] = field(default_factory=lambda: [0.999])
+    mixed_precision: str = "no"
+    device: str = "auto"
+    log_every: int = 10
+    sample_every: int = 100
+    checkpoint_every: int = 100
+    eval_every: int = 0
+    keep_checkpoints: int = 3
+    resume: str | None = None
+    max_nonfinite_streak: int = 20
+    num_threads: int | None = None
+    num_grid_samples: int = 32
+    teacher_sample_steps: int = 18
+    compile: bool = False
+    channels_last: bool = False
+    seed: int = 0
+
+
+class DistillTrainer:
+    """Runs an :class:`Objective` to completion.
+
+    Args:
+        objective: the objective; it holds references to the role modules.
+        roles: every module the objective uses that the trainer must checkpoint, by role name; the
+            trainable ones are those in ``objective.roles``.
+        teacher: the frozen teacher (for the reference sample grid).
+        dataset: a dataset with ``get(idx) -> Batch`` and ``__len__``.
+        run_dir: the run folder (config, logs, checkpoints, samples).
+        config: loop settings.
+        optim: optimiser settings.
+        evaluator: optional ``evaluator(generator, step) -> dict`` called every ``eval_every`` steps.
+        run_config: the resolved run config, saved in each checkpoint.
+    """
+
+    def __init__(self, objective: Objective, roles: dict[str, nn.Module], teacher: nn.Module, dataset,
+                 run_dir: str | Path, config: TrainerConfig | None = None, optim: OptimizerSpec | None = None,
+                 evaluator=None, run_config: dict[str, Any] | None = None):
+        from accelerate import Accelerator
+
+        self.cfg = config or TrainerConfig()
+        self.objective, self.roles, self.teacher, self.dataset = objective, roles, teacher, dataset
+        self.run_dir = Path(run_dir)
+        self.evaluator, self.run_config = evaluator, run_config
+        if self.cfg.num_threads:
+            torch.set_num_threads(self.cfg.num_threads)
+        missing = [r for r in (*objective.roles, *objective.frozen_roles) if r not in roles]
+        if missing:
+            raise ValueError(f"objective '{objective.name}' needs roles {missing}, which were not built")
+        if objective.requires_real_data and getattr(dataset, "sample_shape", None) is None:
+            raise ValueError(f"objective '{objective.name}' needs real data, but the dataset provides none")
+        device = self.cfg.device
+        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        mp = self.cfg.mixed_precision
+        if cpu and mp != "no":
+            log.warning("mixed_precision=%s requested on CPU: training in fp32 instead (no bf16 units assumed)", mp)
+            mp = "no"
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mp)
+        self.device = self.accelerator.device
+        self.teacher.to(self.device)
+        self.generator_roles = tuple(getattr(objective, "generator_roles", ("generator",)))
+        self.critic_roles = tuple(r for r in objective.roles if r not in self.generator_roles)
+        self.optimizers, self.schedulers = {}, {}
+        optim = optim or OptimizerSpec()
+        for name in (*objective.roles, *objective.frozen_roles):
+            roles[name].to(self.device)
+        for name in objective.roles:
+            module = roles[name]
+            if self.cfg.channels_last and module.sample_shape is not None and len(module.sample_shape) == 3:
+                module.to(memory_format=torch.channels_last)
+            opt, sched = optim.build(name, module)
+            module, opt = self.accelerator.prepare(module, opt)
+            self.optimizers[name], self.schedulers[name] = opt, sched
+        if self.cfg.compile:
+            for name in objective.roles:
+                den = getattr(roles[name], "denoiser", None)
+                if den is not None:
+                    roles[name].denoiser = torch.compile(den)
+        gen = roles["generator"]
+        self.emas = {float(d): EMA(gen, decay=float(d)) for d in self.cfg.ema_decays}
+        self.batcher = InfiniteBatcher(dataset, self.cfg.batch_size, seed=self.cfg.seed)
+        self.step = 0
+        self.nonfinite = {"skipped": 0, "streak": 0}
+
+    # ------------------------------------------------------------------------------------------
+    # state
+
+    def state_dict(self) -> dict[str, Any]:
+        unwrap = self.accelerator.unwrap_model
+        return {
+            "step": self.step,
+            "objective": self.objective.name,
+            "roles": {k: unwrap(m).state_dict() for k, m in self.roles.items() if k != "teacher"},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "ema": {str(d): e.state_dict() for d, e in self.emas.items()},
+            "objective_state": getattr(self.objective, "state_dict", lambda: {})(),
+            "data": self.batcher.state_dict(),
+            "rng": rng_state(),
+            "nonfinite": dict(self.nonfinite),
+            "config": self.run_config,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("objective") not in (None, self.objective.name):
+            raise ValueError(f"checkpoint was written by objective '{state['objective']}', not '{self.objective.name}'")
+        unwrap = self.accelerator.unwrap_model
+        for k, sd in state["roles"].items():
+            if k not in self.roles:
+                raise ValueError(f"checkpoint holds role '{k}' that this run does not build")
+            unwrap(self.roles[k]).load_state_dict(sd)
+        for k, sd in state["optimizers"].items():
+            self.optimizers[k].load_state_dict(sd)
+        for k, sd in state["schedulers"].items():
+            self.schedulers[k].load_state_dict(sd)
+        for d, sd in state["ema"].items():
+            if float(d) in self.emas:
+                self.emas[float(d)].load_state_dict(sd)
+        if hasattr(self.objective, "load_state_dict") and state.get("objective_state"):
+            self.objective.load_state_dict(state["objective_state"])
+        self.batcher.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.nonfinite = dict(state.get("nonfinite", self.nonfinite))
+        self.step = int(state["step"])
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        state = self.state_dict()
+        path = atomic_save(state, self.ckpt_dir / f"step{self.step:07d}.pt")
+        atomic_save(state, self.ckpt_dir / "last.pt")
+        old = sorted(self.ckpt_dir.glob("step*.pt"))[: -self.cfg.keep_checkpoints or None]
+        for p in old if self.cfg.keep_checkpoints > 0 else []:
+            p.unlink()
+        return path
+
+    def _resume_path(self) -> Path | None:
+        r = self.cfg.resume
+        existing = sorted(self.ckpt_dir.glob("step*.pt")) if self.ckpt_dir.exists() else []
+        if r is None:
+            if existing:
+                raise FileExistsError(
+                    f"run folder '{self.run_dir}' already holds checkpoints; pass trainer.resume=auto to continue it "
+                    "or choose another run_dir (nothing was overwritten)")
+            return None
+        if r == "auto":
+            last = self.ckpt_dir / "last.pt"
+            return last if last.exists() else (existing[-1] if existing else None)
+        p = Path(r)
+        if not p.exists():
+            raise FileNotFoundError(f"trainer.resume: checkpoint '{r}' does not exist")
+        return p
+
+    # ------------------------------------------------------------------------------------------
+    # one update
+
+    def _set_trainable(self, names: tuple[str, ...]) -> None:
+        for r in self.objective.roles:
+            self.roles[r].requires_grad_(r in names)
+
+    def _update(self, names: tuple[str, ...], out, kind: str) -> dict[str, float]:
+        loss = out.loss.mean()
+        logs = {f"{kind}_loss": float(loss.detach()), **out.logs}
+        for n in names:
+            self.optimizers[n].zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            return self._skip(names, f"non-finite {kind} loss", logs)
+        self.accelerator.backward(loss)
+        for n in names:
+            params = [p for p in self.roles[n].parameters() if p.grad is not None]
+            if self.cfg.grad_clip > 0:
+                gnorm = self.accelerator.clip_grad_norm_(params, self.cfg.grad_clip)
+            else:
+                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else 0.0
+            gnorm = float(gnorm)
+            logs[f"{n}_grad_norm"] = gnorm
+            if not math.isfinite(gnorm):
+                return self._skip(names, f"non-finite gradient of '{n}'", logs)
+        for n in names:
+            self.optimizers[n].step()
+            self.schedulers[n].step()
+            self.optimizers[n].zero_grad(set_to_none=True)
+        self.nonfinite["streak"] = 0
+        return logs
+
+    def _skip(self, names, why: str, logs: dict) -> dict:
+        for n in names:
+            self.optimizers[n].zero_grad(set_to_none=True)
+        self.nonfinite["skipped"] += 1
+        self.nonfinite["streak"] += 1
+        log.warning("step %d: %s, update of %s skipped (%d skipped so far)", self.step, why, list(names),
+                    self.nonfinite["skipped"])
+        if self.nonfinite["streak"] >= self.cfg.max_nonfinite_streak:
+            raise NonFiniteError(
+                f"{self.nonfinite['streak']} consecutive non-finite updates at step {self.step} ({why}); the run is "
+                "diverging. Lower the learning rate or check the teacher; the last good checkpoint is in "
+                f"{self.ckpt_dir}")
+        return {**logs, "skipped": 1.0}
+
+    def train_step(self) -> dict[str, float]:
+        batch = self.batcher.next().to(self.device)
+        logs: dict[str, float] = {}
+        sched = self.objective.update_schedule
+        if sched.is_generator_step(self.step):
+            self._set_trainable(self.generator_roles)
+            logs.update(self._update(self.generator_roles, self.objective.generator_loss(batch, self.step), "generator"))
+            for ema in self.emas.values():
+                ema.update(self.accelerator.unwrap_model(self.roles["generator"]))
+        if self.critic_roles:
+            self._set_trainable(self.critic_roles)
+            out = self.objective.critic_loss(batch, self.step)
+            if out is not None:
+                logs.update(self._update(self.critic_roles, out, "critic"))
+        self.objective.on_step_end(self.step)
+        self.step += 1
+        return logs
+
+    # ------------------------------------------------------------------------------------------
+    # samples
+
+    def _grid_inputs(self) -> tuple[torch.Tensor, Conditioning]:
+        n = self.cfg.num_grid_samples
+        shape = self.roles["generator"].sample_shape
+        z = torch.randn(n, *shape, generator=torch.Generator().manual_seed(12345))
+        k = getattr(self.teacher, "num_classes", None)
+        cond = Conditioning(class_labels=torch.arange(n) % k) if k else Conditioning()
+        return z.to(self.device), cond.to(self.device)
+
+    @torch.no_grad()
+    def sample_grid(self) -> dict[str, float]:
+        """Teacher (Heun, many steps) beside the student's EMA one-step samples, same seeds."""
+        z, cond = self._grid_inputs()
+        gen = self.ema_generator()
+        with torch.random.fork_rng():
+            student = gen(z, cond)
+            teacher_path = self.run_dir / "samples" / "teacher.pt"
+            if teacher_path.exists():
+                teacher = torch.load(teacher_path).to(self.device)
+            else:
+                sig = karras_sigmas(self.cfg.teacher_sample_steps, self.teacher.sigma_min, self.teacher.sigma_max,
+                                    append_zero=True)
+                teacher = heun_sample(self.teacher, z * sig[0], sig, cond)
+                teacher_path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(teacher.cpu(), teacher_path)
+            few = None
+            if len(gen.sampling_sigmas) > 1:
+                few = gen.sample(z, cond, generator=torch.Generator(z.device).manual_seed(0))
+        stats = {"sample_mean": float(student.mean()), "sample_std": float(student.std())}
+        if student.ndim == 4:
+            panels = [teacher, student] + ([few] if few is not None else [])
+            save_side_by_side(panels, self.run_dir / "samples" / f"step{self.step:07d}.png")
+        elif student.ndim == 2 and student.shape[1] == 2:
+            self._scatter(teacher, student)
+        return stats
+
+    def _scatter(self, teacher, student) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
+        for a, pts, title in ((ax[0], teacher, "teacher (Heun)"), (ax[1], student, f"student 1-step @ {self.step}")):
+            a.scatter(*pts.cpu().T, s=4)
+            a.set_title(title)
+        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.run_dir / "samples" / f"step{self.step:07d}.png", dpi=80)
+        plt.close(fig)
+
+    def ema_generator(self, decay: float | None = None) -> nn.Module:
+        """The generator with EMA weights (the highest-decay track by default)."""
+        if not self.emas:
+            return self.accelerator.unwrap_model(self.roles["generator"])
+        d = max(self.emas) if decay is None else float(decay)
+        return self.emas[d].module
+
+    # ------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``max_steps`` (resuming if configured); returns the last logged scalars."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resume = self._resume_path()
+        if resume is None:
+            seed_everything(self.cfg.seed)
+        logger = RunLogger(self.run_dir)
+        if resume is not None:
+            self.load_state_dict(load_checkpoint(resume))
+            logger.truncate_after(self.step)
+            log.info("resumed from %s at step %d", resume, self.step)
+        last: dict[str, float] = {}
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=f"{self.objective.name}", dynamic_ncols=True,
+                   mininterval=2)
+        t0 = time.time()
+        try:
+            while self.step < self.cfg.max_steps:
+                logs = self.train_step()
+                bar.update(1)
+                c = self.cfg
+                if c.log_every and (self.step % c.log_every == 0 or self.step == c.max_steps):
+                    logs = {**logs, "sec": time.time() - t0, "lr": self.schedulers["generator"].get_last_lr()[0]}
+                    logger.log(self.step, logs)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")})
+                    last = logs
+                if c.sample_every and (self.step % c.sample_every == 0 or self.step == c.max_steps):
+                    logger.log(self.step, self.sample_grid(), kind="samples")
+                if self.evaluator is not None and c.eval_every and (self.step % c.eval_every == 0
+                                                                    or self.step == c.max_steps):
+                    with torch.random.fork_rng():
+                        metrics = self.evaluator(self.ema_generator(), self.step)
+                    logger.log(self.step, metrics, kind="eval")
+                if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or self.step == c.max_steps):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            logger.close()
+        return last
+
+
+def load_generator(checkpoint_path: str | Path, ema: str | float | None = "auto") -> nn.Module:
+    """Rebuild the generator of a training checkpoint (from the run config it holds) with its weights.
+
+    Args:
+        checkpoint_path: a ``step*.pt`` / ``last.pt`` file written by :class:`DistillTrainer`.
+        ema: ``"auto"`` (the highest-decay EMA track), a decay value, or ``None`` (online weights).
+    """
+    from omegaconf import OmegaConf
+
+    from diffdistill.training.builders import build_experiment
+
+    state = load_checkpoint(checkpoint_path)
+    if not state.get("config"):
+        raise ValueError(f"checkpoint '{checkpoint_path}' holds no run config; it cannot be rebuilt")
+    exp = build_experiment(OmegaConf.create(state["config"]), with_objective=False)
+    gen = exp.roles["generator"]
+    if ema is None or not state["ema"]:
+        gen.load_state_dict(state["roles"]["generator"])
+    else:
+        key = max(state["ema"], key=float) if ema == "auto" else str(float(ema))
+        if key not in state["ema"]:
+            raise ValueError(f"checkpoint has EMA tracks {list(state['ema'])}, not {ema}")
+        gen.load_state_dict(state["ema"][key]["module"])
+    return gen.eval()
