@@ -165,8 +165,9 @@ class RandomCNN(FeatureExtractor):
     def __init__(self, seed: int = 0, input_size: int = 32, feature_dim: int = 64, width: int = 16):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.net = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.ReLU(), nn.Conv2d(width, width * 2, 3, 2, 1), nn.ReLU(),
-                                 nn.Conv2d(width * 2, feature_dim, 3, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.net = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.ReLU(), nn.Conv2d(width, width * 2, 3, 2, 1),
+                                 nn.ReLU(), nn.Conv2d(width * 2, feature_dim, 3, 1, 1), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten())
         with torch.no_grad():
             for p in self.net.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 / max(1, p[0].numel()) ** 0.5))
@@ -311,7 +312,8 @@ class Inception(FeatureExtractor):
             except Exception as e:  # noqa: BLE001 - TorchScript is deprecated; fall back to the port
                 if mode == "clean":
                     raise
-                legacy = [p for s, p in inception_candidates(weights) if p.name == LEGACY_INCEPTION_FILE and p.is_file()]
+                legacy = [p for _, p in inception_candidates(weights)
+                          if p.name == LEGACY_INCEPTION_FILE and p.is_file()]
                 if not legacy:
                     raise RuntimeError(f"could not load TorchScript Inception '{path}' ({e}) and no legacy "
                                        f"'{LEGACY_INCEPTION_FILE}' was found. " + _inception_help()) from e

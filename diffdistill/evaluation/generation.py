@@ -84,7 +84,8 @@ def sample_batch(model: nn.Module, indices: Tensor, spec: SamplerSpec, seed: int
     from diffdistill.sampling import heun_sample, multistep_sample
 
     shape = tuple(model.sample_shape)
-    draws = per_sample_noise(indices, shape, seed, num_draws=max(1, len(spec.sigmas) if spec.kind == "multistep" else 1))
+    num_draws = len(spec.sigmas) if spec.kind == "multistep" else 1  # z, then one re-noising per extra step
+    draws = per_sample_noise(indices, shape, seed, num_draws=num_draws)
     z = draws[0].to(device)
     cond = cond_fn(indices).to(device) if cond_fn is not None else None
     if spec.kind == "one_step":
