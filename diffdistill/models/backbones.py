@@ -15,6 +15,34 @@ from torch import Tensor, nn
 from diffdistill.models.conditioning import Conditioning
 
 
+class GuidanceEmbedding(nn.Module):
+    """Embedding of the guidance scale ``w`` for guidance-conditioned students (LCM, Luo et al. 2023, §4.2).
+
+    Sinusoidal features of ``1000 (w - 1)`` (LCM embeds its ``omega = w - 1``) and a two-layer MLP whose last layer
+    is zero-initialised, so switching it on leaves a pretrained network's output unchanged.
+    """
+
+    def __init__(self, out_dim: int, channels: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        half = channels // 2
+        self.register_buffer("freqs", torch.exp(-math.log(max_period) * torch.arange(half) / half))
+        self.mlp = nn.Sequential(nn.Linear(channels, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, w: Tensor) -> Tensor:
+        h = 1000.0 * (w.float() - 1.0)[:, None] * self.freqs[None]
+        return self.mlp(torch.cat([h.sin(), h.cos()], dim=1))
+
+
+def _guidance(cond: Conditioning, batch: int, device) -> Tensor:
+    """``cond.guidance_scale`` as ``[B]``; ``None`` means ``w = 1`` (no guidance)."""
+    if cond.guidance_scale is None:
+        return torch.ones(batch, device=device)
+    w = cond.guidance_scale.reshape(-1)
+    return w.expand(batch) if w.numel() == 1 else w
+
+
 class UNetBackbone(nn.Module):
     """diffusers ``UNet2DModel`` fed ``c_noise`` as its timestep.
 
@@ -27,7 +55,8 @@ class UNetBackbone(nn.Module):
             (the convention of openai/consistency_models).
     """
 
-    def __init__(self, unet_config: dict[str, Any], num_classes: int | None = None, c_noise_scale: float = 1000.0) -> None:
+    def __init__(self, unet_config: dict[str, Any], num_classes: int | None = None, c_noise_scale: float = 1000.0,
+                 guidance_embedding: bool = False) -> None:
         super().__init__()
         from diffusers import UNet2DModel
 
@@ -38,6 +67,21 @@ class UNetBackbone(nn.Module):
         self.num_classes = num_classes
         self.unet_config = dict(unet_config)
         self.c_noise_scale = float(c_noise_scale)
+        self.guidance_emb: GuidanceEmbedding | None = None
+        self._pending_guidance: Tensor | None = None
+        if guidance_embedding:
+            self.enable_guidance_embedding()
+
+    def enable_guidance_embedding(self) -> None:
+        """Add the (zero-initialised) guidance embedding in place; a no-op if present."""
+        if self.guidance_emb is not None:
+            return
+        p = next(self.unet.parameters())
+        self.guidance_emb = GuidanceEmbedding(self.unet.time_embedding.linear_2.out_features).to(p.device)
+        self.unet.time_embedding.register_forward_hook(self._add_guidance)
+
+    def _add_guidance(self, module, inputs, output):
+        return output if self._pending_guidance is None else output + self._pending_guidance.to(output.dtype)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -54,7 +98,13 @@ class UNetBackbone(nn.Module):
 
     def forward(self, x_in: Tensor, c_noise: Tensor, cond: Conditioning) -> Tensor:
         labels = self._labels(cond, x_in.shape[0], x_in.device)
-        return self.unet(x_in, self.c_noise_scale * c_noise, class_labels=labels).sample
+        if self.guidance_emb is None:
+            return self.unet(x_in, self.c_noise_scale * c_noise, class_labels=labels).sample
+        self._pending_guidance = self.guidance_emb(_guidance(cond, x_in.shape[0], x_in.device))
+        try:
+            return self.unet(x_in, self.c_noise_scale * c_noise, class_labels=labels).sample
+        finally:
+            self._pending_guidance = None
 
     def features(self, x_in: Tensor, c_noise: Tensor, cond: Conditioning) -> list[Tensor]:
         """Output of each down block and of the mid block (discriminator taps)."""
@@ -82,9 +132,11 @@ class FourierEmbedding(nn.Module):
 
 
 class MLPBackbone(nn.Module):
-    """A residual MLP on flat ``[B, dim]`` samples, conditioned on ``c_noise`` (and optional classes)."""
+    """A residual MLP on flat ``[B, dim]`` samples, conditioned on ``c_noise`` (and optional classes, and the
+    guidance scale when ``guidance_embedding`` is on: off by default so saved configs still load)."""
 
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_classes: int | None = None):
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_classes: int | None = None,
+                 guidance_embedding: bool = False):
         super().__init__()
         self.dim, self.num_classes = dim, num_classes
         self.emb = FourierEmbedding(hidden)
@@ -94,25 +146,40 @@ class MLPBackbone(nn.Module):
             nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth)
         )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+        self.hidden = hidden
+        self.guidance_emb: GuidanceEmbedding | None = None
+        if guidance_embedding:
+            self.enable_guidance_embedding()
+
+    def enable_guidance_embedding(self) -> None:
+        """Add the (zero-initialised) guidance embedding in place; a no-op if present."""
+        if self.guidance_emb is None:
+            self.guidance_emb = GuidanceEmbedding(self.hidden).to(self.inp.weight.device)
+
+    def _embed(self, c_noise: Tensor, cond: Conditioning, batch: int, device) -> Tensor:
+        e = self.emb(c_noise)
+        if self.class_emb is not None:
+            labels = cond.class_labels
+            if labels is None:
+                labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+            e = e + self.class_emb(labels.long())
+        if self.guidance_emb is not None:
+            e = e + self.guidance_emb(_guidance(cond, batch, device))
+        return e
 
     @property
     def sample_shape(self) -> tuple[int]:
         return (self.dim,)
 
     def forward(self, x_in: Tensor, c_noise: Tensor, cond: Conditioning) -> Tensor:
-        e = self.emb(c_noise)
-        if self.class_emb is not None:
-            labels = cond.class_labels
-            if labels is None:
-                labels = torch.full((x_in.shape[0],), self.num_classes, dtype=torch.long, device=x_in.device)
-            e = e + self.class_emb(labels.long())
+        e = self._embed(c_noise, cond, x_in.shape[0], x_in.device)
         h = self.inp(x_in) + e
         for blk in self.blocks:
             h = h + blk(h + e)
         return self.out(h)
 
     def features(self, x_in, c_noise, cond):
-        e = self.emb(c_noise)
+        e = self._embed(c_noise, cond, x_in.shape[0], x_in.device)
         h = self.inp(x_in) + e
         taps = []
         for blk in self.blocks:

@@ -9,7 +9,11 @@ from diffdistill.objectives.base import (
     UpdateSchedule,
     register_objective,
 )
+from diffdistill.objectives.consistency import ConsistencyDistillation
 from diffdistill.objectives.dmd import DMD
+from diffdistill.objectives.ect import ECT, ICT
+from diffdistill.objectives.lcm import LCM
+from diffdistill.objectives.scm import SCM
 
-__all__ = ["DMD", "OBJECTIVES", "LossOutput", "Objective", "Paper", "PassCount", "UpdateSchedule",
-           "register_objective"]
+__all__ = ["DMD", "ECT", "ICT", "LCM", "OBJECTIVES", "SCM", "ConsistencyDistillation", "LossOutput", "Objective",
+           "Paper", "PassCount", "UpdateSchedule", "register_objective"]

@@ -1,0 +1,164 @@
+"""Consistency-model parametrisations over any :class:`Denoiser`.
+
+* :class:`ConsistencyDenoiser`: the boundary-condition wrapper of Song et al. (2023), ``f(x, sigma_min) = x``.
+* :func:`trigflow_F`: the TrigFlow network output ``F(x_t / sigma_d, t)`` of any EDM-convention denoiser (sCM).
+* :class:`AdaptiveWeight`: sCM's learned per-time loss weight ``w_phi(t)`` (Lu & Song 2024, Eq. 9).
+* :class:`AffineConsistencyDenoiser`: a two-parameter-per-dimension toy student whose family contains the exact
+  consistency function of Gaussian data (losses.md §9.1), for fast ground-truth tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from diffdistill.conventions import (
+    append_dims,
+    consistency_precond,
+    edm_precond,
+    trig_to_edm,
+    x0_to_trigflow_F,
+)
+from diffdistill.models.conditioning import Conditioning, as_conditioning
+from diffdistill.models.denoiser import Denoiser, EDMDenoiser
+
+
+class ConsistencyDenoiser(Denoiser):
+    """Boundary-condition parametrisation ``f(x, sigma) = c_skip^b x + c_out^b F(c_in x, c_noise)``.
+
+    Song et al., "Consistency Models" (arXiv:2303.01469), App. C: ``c_skip^b = sigma_d^2 / ((sigma -
+    sigma_min)^2 + sigma_d^2)`` and ``c_out^b = (sigma - sigma_min) sigma_d / sqrt(sigma^2 + sigma_d^2)``, hence
+    ``f(x, sigma_min) = x`` exactly. For an :class:`EDMDenoiser` the raw network ``F`` is called directly (its
+    parameters are shared, no copy); any other denoiser is read through ``F = (D - c_skip x) / c_out``.
+
+    Args:
+        inner: the wrapped denoiser (its parameters are this module's parameters).
+        sigma_min: the boundary (default: ``inner.sigma_min``).
+    """
+
+    def __init__(self, inner: Denoiser, sigma_min: float | None = None):
+        super().__init__()
+        self.inner = inner
+        self.sigma_data = float(inner.sigma_data)
+        self.sigma_min = float(inner.sigma_min if sigma_min is None else sigma_min)
+        self.sigma_max = float(inner.sigma_max)
+        self.num_classes = getattr(inner, "num_classes", None)
+
+    @property
+    def boundary_sigma(self) -> float:
+        return self.sigma_min
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.inner.sample_shape)
+
+    def raw_output(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        """The network output ``F`` in the EDM preconditioning of the wrapped denoiser."""
+        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
+        if isinstance(self.inner, EDMDenoiser) and self.inner.sigma_data == self.sigma_data:
+            return self.inner.net(append_dims(c_in, x.ndim) * x, c_noise, cond).to(x.dtype)
+        x0_hat = self.inner(x, sigma, cond)
+        return (x0_hat - append_dims(c_skip, x.ndim) * x) / append_dims(c_out, x.ndim)
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        c_skip, c_out = consistency_precond(sigma, self.sigma_data, self.sigma_min)
+        F = self.raw_output(x, sigma, cond)
+        # (Song et al. 2023, Eq. 5) f = c_skip^b x + c_out^b F
+        return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * F
+
+    def features(self, x, sigma, cond=None):
+        return self.inner.features(x, sigma, cond)
+
+
+def has_boundary_condition(denoiser: nn.Module) -> bool:
+    """Whether ``denoiser`` already satisfies ``f(x, sigma_b) = x`` at some boundary ``sigma_b``."""
+    return getattr(denoiser, "boundary_sigma", None) is not None
+
+
+def wrap_boundary_condition(generator: nn.Module, sigma_min: float) -> nn.Module:
+    """Replace ``generator.denoiser`` by a :class:`ConsistencyDenoiser` (in place, parameters unchanged).
+
+    Does nothing when the denoiser already has a boundary condition. Parameter objects are kept, so an
+    optimiser built before or after this call sees the same tensors; state-dict keys gain an ``inner.`` level.
+    """
+    if not has_boundary_condition(generator.denoiser):
+        generator.denoiser = ConsistencyDenoiser(generator.denoiser, sigma_min)
+    return generator
+
+
+def trigflow_F(denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning | None, sigma_data: float,
+               **kwargs) -> Tensor:
+    """TrigFlow output ``F(x_t / sigma_d, t)`` of an EDM-convention denoiser (Lu & Song 2024, Eq. 6).
+
+    With ``x = x_t / cos t`` and ``sigma = sigma_d tan t`` (:func:`~diffdistill.conventions.trig_to_edm`), EDM's
+    ``c_in x = x_t / sigma_d``, ``c_skip = cos^2 t`` and ``c_out = sigma_d sin t``, so an EDM-preconditioned
+    network *is* a TrigFlow network with ``F_trig = -F_edm`` and time input ``c_noise = ln(sigma_d tan t) / 4``.
+    That path is used for an :class:`EDMDenoiser` (or a ``Generator`` holding one); anything else (a
+    :class:`~diffdistill.models.teacher.Teacher`, whose CFG ``kwargs`` are passed on, an analytic denoiser, a
+    :class:`ConsistencyDenoiser`) goes through ``x0_hat``.
+    """
+    from diffdistill.models.generator import Generator
+
+    cond = as_conditioning(cond)
+    den = denoiser.denoiser if isinstance(denoiser, Generator) else denoiser
+    x, sigma = trig_to_edm(x_t, t, sigma_data)
+    if isinstance(den, EDMDenoiser) and den.sigma_data == sigma_data:
+        _, _, _, c_noise = edm_precond(sigma, sigma_data)
+        return -den.net(x_t / sigma_data, c_noise, cond).to(x_t.dtype)
+    x0_hat = denoiser(x, sigma, cond, **kwargs)
+    return x0_to_trigflow_F(x_t, x0_hat, t, sigma_data)
+
+
+class AdaptiveWeight(nn.Module):
+    """sCM's adaptive loss weight ``w_phi(t)`` as ``logvar = -w_phi``: fixed Fourier features of
+    ``c_noise = ln(sigma_d tan t) / 4`` and a zero-initialised linear head (Lu & Song 2024, Eq. 9; EDM2's
+    uncertainty weighting, Karras et al. 2024).
+    """
+
+    def __init__(self, channels: int = 128, scale: float = 1.0, sigma_data: float = 0.5):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("freqs", torch.randn(channels // 2, generator=g) * scale)
+        self.register_buffer("phases", torch.rand(channels // 2, generator=g))
+        self.linear = nn.Linear(channels, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.sigma_data = float(sigma_data)
+
+    def forward(self, t: Tensor) -> Tensor:
+        """``logvar(t)``, shape ``[B]``."""
+        c_noise = (self.sigma_data * torch.tan(t)).log() / 4.0
+        h = 2 * math.pi * (c_noise[:, None].float() * self.freqs[None] + self.phases[None])
+        return self.linear(torch.cat([h.cos(), h.sin()], dim=1) / math.sqrt(self.freqs.numel())).squeeze(1)
+
+
+class AffineConsistencyDenoiser(Denoiser):
+    """Toy consistency student ``f(x, sigma) = b + sqrt((a^2 + sigma_b^2) / (a^2 + sigma^2)) (x - b)``.
+
+    For data ``N(mu, s^2)`` per dimension the exact consistency function with boundary ``sigma_b`` is this family
+    at ``a = s``, ``b = mu`` (losses.md §9.1), so objectives can be checked against ground truth in a few hundred
+    steps. ``f(x, sigma_b) = x`` (up to rounding). ``sigma_b = 0`` is the boundary of ECT and sCM.
+    """
+
+    def __init__(self, dim: int = 16, a_init: float = 0.3, b_init: float = -0.2, boundary_sigma: float = 0.002,
+                 sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__()
+        self.a = nn.Parameter(torch.full((dim,), float(a_init)))
+        self.b = nn.Parameter(torch.full((dim,), float(b_init)))
+        self._boundary = float(boundary_sigma)
+        self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
+
+    @property
+    def boundary_sigma(self) -> float:
+        return self._boundary
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.a.shape)
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        a2 = self.a**2
+        s2 = append_dims(sigma, x.ndim) ** 2
+        return self.b + ((a2 + self._boundary**2) / (a2 + s2)).sqrt() * (x - self.b)

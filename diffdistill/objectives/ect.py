@@ -1,0 +1,199 @@
+"""Consistency training and tuning: iCT (Song & Dhariwal 2023) and ECT (Geng et al. 2024).
+
+iCT, "Improved Techniques for Training Consistency Models" (arXiv:2310.14189); losses.md §3.1:
+    sigma_i < sigma_{i+1}    adjacent points of the ascending Karras grid with N(k) points (doubling curriculum)
+    p(i)                     discrete log-normal over the N(k)-1 pairs (P_mean = -1.1, P_std = 2)
+    L = 1/(sigma_{i+1} - sigma_i) d(f_theta(x0 + sigma_{i+1} z, sigma_{i+1}), f_sg(theta)(x0 + sigma_i z, sigma_i))
+    d = pseudo-Huber on the flattened sample, c = 0.00054 sqrt(D)
+
+ECT, "Consistency Models Made Easy" (arXiv:2406.14548), ``locuslab/ect`` ``training/loss.py``; losses.md §3.2:
+    t = exp(P_mean + P_std xi),  r = max(0, t [1 - q^-(s+1) (1 + k sigmoid(-b t))])  (stage s)
+    L = (sqrt(||D_theta(x_t, t) - D_sg(theta)(x_r, r)||^2 + c^2) - c) / (t - r),  D_sg(x_r, r) := x0 where r = 0
+Both use the online weights without gradient as the target (no EMA), the same noise for both points and the
+same dropout mask, and start from a teacher copy (tuning) or from scratch (the trainer's initialisation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from diffdistill.conventions import append_dims
+from diffdistill.data.images import Batch
+from diffdistill.models.consistency import wrap_boundary_condition
+from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
+from diffdistill.objectives.common import pseudo_huber
+from diffdistill.objectives.consistency import RNGState, default_huber_c
+from diffdistill.schedules.karras import karras_sigmas
+
+# ---------------------------------------------------------------------------------------------
+# iCT schedules
+
+
+def ict_num_scales(step: int, total_steps: int = 400_000, s0: int = 10, s1: int = 1280) -> int:
+    """Doubling curriculum ``N(k) = min(s0 2^floor(k / K'), s1) + 1``, ``K' = floor(K / (log2 floor(s1/s0) + 1))``
+    (iCT Eq. 8)."""
+    k_prime = math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1))
+    return min(s0 * 2 ** (step // max(k_prime, 1)), s1) + 1
+
+
+def ict_pair_probs(sigmas_ascending: Tensor, P_mean: float = -1.1, P_std: float = 2.0) -> Tensor:
+    """Discrete log-normal ``p(sigma_i) ∝ erf((ln sigma_{i+1} - P_mean)/(sqrt2 P_std)) - erf((ln sigma_i - P_mean)/
+    (sqrt2 P_std))`` over the ``N - 1`` adjacent pairs (iCT Eq. 9); sums to 1."""
+    cdf = torch.erf((sigmas_ascending.double().log() - P_mean) / (math.sqrt(2.0) * P_std))
+    p = cdf[1:] - cdf[:-1]
+    return (p / p.sum()).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# ECT schedules
+
+
+def ect_r(t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0, mapping: str = "sigmoid") -> Tensor:
+    """ECT's ``r(t)`` (``locuslab/ect`` ``training/loss.py`` L39-50): ``sigmoid``:
+    ``max(0, t [1 - q^-(s+1) (1 + k sigmoid(-b t))])``; ``const``: ``t (1 - q^-(s+1))``."""
+    decay = q ** -(stage + 1)
+    if mapping == "sigmoid":
+        ratio = 1.0 - decay * (1.0 + k * torch.sigmoid(-b * t))
+    elif mapping == "const":
+        ratio = torch.full_like(t, 1.0 - decay)
+    else:
+        raise ValueError(f"unknown ECT mapping '{mapping}' (use 'sigmoid' or 'const')")
+    return (t * ratio).clamp(min=0.0)
+
+
+def _norm_distance(diff: Tensor, c: float) -> Tensor:
+    """``sqrt(||d||^2 + c^2) - c`` per sample; ``c = 0`` is the unsquared L2 norm (ECT's default)."""
+    if c > 0:
+        return pseudo_huber(diff, c)
+    return torch.linalg.vector_norm(diff.flatten(1), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@register_objective
+class ICT(Objective):
+    """Improved consistency training (Song & Dhariwal 2023).
+
+    Args:
+        generator: the student (denoiser wrapped in place in the boundary-condition parametrisation).
+        teacher: unused by the loss (accepted so the trainer can pass every role; it may initialise the student).
+        sigma_min, sigma_max, rho: the Karras grid (0.002, 80, 7).
+        s0, s1, total_steps: curriculum ``N(k)`` (10, 1280, K = 400k: N = 11, 21, 41, ..., 1281).
+        P_mean, P_std: discrete log-normal pair sampling (-1.1, 2.0).
+        huber_c: pseudo-Huber ``c`` (``None``: ``0.00054 sqrt(D)``).
+        boundary_condition: wrap the student so that ``f(x, sigma_min) = x``.
+    """
+
+    name = "ict"
+    paper = Paper("Improved Techniques for Training Consistency Models", "2310.14189", "Song, Dhariwal", 2023)
+    roles = ("generator",)
+    requires_real_data = True
+
+    def __init__(self, generator: nn.Module, teacher: nn.Module | None = None, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, rho: float = 7.0, s0: int = 10, s1: int = 1280, total_steps: int = 400_000,
+                 P_mean: float = -1.1, P_std: float = 2.0, huber_c: float | None = None,
+                 boundary_condition: bool = True):
+        self.generator, self.teacher = generator, teacher
+        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+        self.s0, self.s1, self.total_steps = int(s0), int(s1), int(total_steps)
+        self.P_mean, self.P_std, self.huber_c = float(P_mean), float(P_std), huber_c
+        if boundary_condition:
+            wrap_boundary_condition(generator, self.sigma_min)
+        self._grid: tuple[int, Tensor, Tensor] | None = None
+
+    def grid(self, step: int) -> tuple[Tensor, Tensor]:
+        """The ascending grid of ``N(step)`` points and its pair probabilities (cached per ``N``)."""
+        n = ict_num_scales(step, self.total_steps, self.s0, self.s1)
+        if self._grid is None or self._grid[0] != n:
+            sigmas = karras_sigmas(n, self.sigma_min, self.sigma_max, self.rho).flip(0)
+            self._grid = (n, sigmas, ict_pair_probs(sigmas, self.P_mean, self.P_std))
+        return self._grid[1], self._grid[2]
+
+    def generator_loss(self, batch: Batch, step: int) -> LossOutput:
+        x0, cond = batch.x0, batch.cond
+        if x0 is None:
+            raise ValueError("ICT needs real samples (Batch.x0)")
+        sigmas, probs = self.grid(step)
+        i = torch.multinomial(probs, x0.shape[0], replacement=True)
+        sigma_lo, sigma_hi = sigmas[i].to(x0.device), sigmas[i + 1].to(x0.device)
+        z = torch.randn_like(x0)  # the same z for both points
+        rng = RNGState(x0.device)
+        pred = self.generator.denoise(x0 + append_dims(sigma_hi, x0.ndim) * z, sigma_hi, cond)
+        with torch.no_grad(), rng.replay():
+            # theta- = stopgrad(theta): the online weights, same dropout mask
+            target = self.generator.denoise(x0 + append_dims(sigma_lo, x0.ndim) * z, sigma_lo, cond)
+        c = default_huber_c(x0) if self.huber_c is None else float(self.huber_c)
+        # (iCT Eq. 10) lambda(sigma_i) = 1/(sigma_{i+1} - sigma_i); pseudo-Huber on the flattened sample
+        dist = _norm_distance(pred - target, c)
+        loss = dist / (sigma_hi - sigma_lo)
+        return LossOutput(loss, {"distance": float(dist.detach().mean()), "num_scales": float(len(sigmas))})
+
+    def pass_count(self) -> PassCount:
+        return PassCount(forward=1.0, forward_grad=1.0, backward=1.0)
+
+
+@register_objective
+class ECT(Objective):
+    """Easy consistency tuning (Geng et al. 2024), CIFAR-10 defaults of ``locuslab/ect``.
+
+    Args:
+        generator: the student, plain EDM scalings during training (boundary handled by the clean target).
+        teacher: unused by the loss (ECT tunes a student initialised from the teacher).
+        P_mean, P_std: log-normal ``t`` (-1.1, 2.0).
+        q, k, b, mapping: ``r(t)`` (q = 2 on CIFAR-10, 4 on ImageNet; k = 8, b = 1; ``"sigmoid"`` or ``"const"``).
+        double_every: optimiser steps per stage (250 ticks x 12.8 kimg / batch 128 = 25,000).
+        huber_c: ``c`` of ``sqrt(||.||^2 + c^2) - c`` (0: the unsquared L2 norm, the default).
+        weighting: ``"ect"`` = ``1/(t - r)`` (CIFAR-10) or ``"karras"`` = ``(t^2 + sigma_d^2)/(t sigma_d)^2``
+            (``imgnet`` branch).
+    """
+
+    name = "ect"
+    paper = Paper("Consistency Models Made Easy", "2406.14548", "Geng, Pokle, Luo, Lin, Kolter", 2024)
+    roles = ("generator",)
+    requires_real_data = True
+
+    def __init__(self, generator: nn.Module, teacher: nn.Module | None = None, P_mean: float = -1.1,
+                 P_std: float = 2.0, q: float = 2.0, k: float = 8.0, b: float = 1.0, mapping: str = "sigmoid",
+                 double_every: int = 25_000, huber_c: float = 0.0, weighting: str = "ect"):
+        if weighting not in ("ect", "karras"):
+            raise ValueError(f"unknown weighting '{weighting}' (use 'ect' or 'karras')")
+        ect_r(torch.ones(1), 0, q, k, b, mapping)  # validates the mapping
+        self.generator, self.teacher = generator, teacher
+        self.P_mean, self.P_std = float(P_mean), float(P_std)
+        self.q, self.k, self.b, self.mapping = float(q), float(k), float(b), mapping
+        self.double_every, self.huber_c, self.weighting = int(double_every), float(huber_c), weighting
+
+    def stage(self, step: int) -> int:
+        return step // self.double_every
+
+    def generator_loss(self, batch: Batch, step: int) -> LossOutput:
+        y, cond = batch.x0, batch.cond
+        if y is None:
+            raise ValueError("ECT needs real samples (Batch.x0)")
+        B = y.shape[0]
+        t = (self.P_mean + self.P_std * torch.randn(B, device=y.device)).exp()
+        r = ect_r(t, self.stage(step), self.q, self.k, self.b, self.mapping)
+        eps = torch.randn_like(y)  # the same eps for both points
+        rng = RNGState(y.device)
+        pred = self.generator.denoise(y + append_dims(t, y.ndim) * eps, t, cond)
+        with torch.no_grad(), rng.replay():
+            r_safe = torch.where(r > 0, r, t)  # never evaluates the network at sigma = 0
+            target = self.generator.denoise(y + append_dims(r_safe, y.ndim) * eps, r_safe, cond)
+            # r <= 0: the boundary f(y, 0) = y gives the clean sample; NaNs in the target are zeroed
+            target = torch.where(append_dims(r > 0, y.ndim), torch.nan_to_num(target), y)
+        dist = _norm_distance(pred - target, self.huber_c)
+        if self.weighting == "ect":
+            # (ECT Eq. 6) d(f(x_t, t), f_sg(x_r, r)) / (t - r)
+            loss = dist / (t - r)
+        else:
+            sd = self.generator.sigma_data
+            loss = dist * (t**2 + sd**2) / (t * sd) ** 2
+        return LossOutput(loss, {"distance": float(dist.detach().mean()), "stage": float(self.stage(step)),
+                                 "clean_target_frac": float((r <= 0).float().mean())})
+
+    def pass_count(self) -> PassCount:
+        return PassCount(forward=1.0, forward_grad=1.0, backward=1.0)

@@ -1,0 +1,116 @@
+"""Latent Consistency Models: guided consistency distillation with skipping steps.
+
+Luo, Tan, Huang, Li, Zhao, "Latent Consistency Models: Synthesizing High-Resolution Images with Few-Step Inference"
+(arXiv:2310.04378), Alg. 1 (LCD) in the EDM view:
+    w ~ U[w_min, w_max]                  guidance scale, fed to the student as ``Conditioning.guidance_scale``
+    t_{n+k} -> t_n                       a skipping step of k grid points (k = 20 on a 1000-point grid)
+    x_hat = Psi(x_{t_{n+k}}, w)          one DDIM (= Euler in the EDM view) step of the CFG teacher
+    L = d(f_theta(x_{t_{n+k}}, w, t_{n+k}), f_theta-(x_hat, w, t_n)),  theta- EMA (mu = 0.95)
+Guidance convention: diffdistill's ``w`` (1 = no guidance) is LCM's ``omega + 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from diffdistill.objectives.base import Paper, PassCount, register_objective
+from diffdistill.objectives.consistency import ConsistencyDistillation, euler_step, heun_step
+from diffdistill.schedules.karras import karras_sigmas
+
+
+def enable_guidance_embedding(module: nn.Module) -> bool:
+    """Turn on the guidance embedding of every backbone inside ``module`` that supports it (zero-initialised, so
+    the output is unchanged); returns whether any backbone has one."""
+    found = False
+    for m in module.modules():
+        if hasattr(m, "enable_guidance_embedding"):
+            m.enable_guidance_embedding()
+            found = True
+    return found
+
+
+@register_objective
+class LCM(ConsistencyDistillation):
+    """Latent consistency distillation (LCD) with a guidance-conditioned student.
+
+    Args:
+        teacher, generator, target_generator: as in :class:`ConsistencyDistillation`.
+        schedule: the training grid: a :class:`~diffdistill.schedules.discrete.DDPMSchedule` (its ``T`` sigmas, the
+            paper's SD setting) or a :class:`~diffdistill.schedules.karras.KarrasSchedule`; ``None``: a Karras grid
+            of ``num_scales`` points over ``[sigma_min, sigma_max]``.
+        num_scales: grid size when ``schedule`` is not a DDPM schedule (1000, matching SD's T).
+        skipping_step: ``k`` (20: 50 solver steps over 1000 timesteps).
+        sigma_min, sigma_max, rho: the Karras grid when no schedule is given.
+        w_min, w_max: guidance range in diffdistill's convention (LCM's omega in [2, 14] -> w in [3, 15]).
+        solver: teacher ODE solver over one skipping step: ``"ddim"`` (paper) or ``"heun"``.
+        target_ema: ``mu`` (0.95).
+        distance: ``"l2"`` (paper) or any distance of :class:`ConsistencyDistillation`.
+        huber_c, lpips_net, lpips_weights: as in :class:`ConsistencyDistillation`.
+        embed_guidance: switch on the students' guidance embedding in place (backbones with
+            ``enable_guidance_embedding``); the trainer must build the optimiser after the objective.
+        boundary_condition: wrap the student with boundary ``sigma_0`` (the smallest grid sigma).
+    """
+
+    name = "lcm"
+    paper = Paper("Latent Consistency Models: Synthesizing High-Resolution Images with Few-Step Inference",
+                  "2310.04378", "Luo, Tan, Huang, Li, Zhao", 2023)
+
+    def __init__(self, teacher: nn.Module, generator: nn.Module, target_generator: nn.Module | None = None,
+                 schedule=None, num_scales: int = 1000, skipping_step: int = 20, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, rho: float = 7.0, w_min: float = 3.0, w_max: float = 15.0,
+                 solver: str = "ddim", target_ema: float = 0.95, distance: str = "l2", huber_c: float | None = None,
+                 lpips_net: str = "vgg", lpips_weights: str | None = None, embed_guidance: bool = True,
+                 boundary_condition: bool = True):
+        if solver not in ("ddim", "heun"):
+            raise ValueError(f"unknown solver '{solver}' (use 'ddim' or 'heun')")
+        if not w_min <= w_max:
+            raise ValueError(f"need w_min <= w_max, got {w_min}, {w_max}")
+        if schedule is not None and hasattr(schedule, "alphas_cumprod"):
+            sigmas_asc = schedule.sigmas.float()
+        elif schedule is not None:
+            sigmas_asc = schedule.sigmas(num_scales, ascending=True).float()
+        else:
+            sigmas_asc = karras_sigmas(num_scales, sigma_min, sigma_max, rho).flip(0)
+        if not 1 <= skipping_step < len(sigmas_asc):
+            raise ValueError(f"skipping_step must lie in [1, {len(sigmas_asc) - 1}], got {skipping_step}")
+        self.embedded_guidance = False
+        if embed_guidance:
+            self.embedded_guidance = enable_guidance_embedding(generator)
+            if target_generator is not None:
+                enable_guidance_embedding(target_generator)
+        boundary = float(sigmas_asc[0])
+        super().__init__(teacher, generator, target_generator, num_scales=len(sigmas_asc), sigma_min=boundary,
+                         sigma_max=float(sigmas_asc[-1]), rho=rho, target_ema=target_ema, distance=distance,
+                         huber_c=huber_c, weighting="uniform", guidance_scale=None, lpips_net=lpips_net,
+                         lpips_weights=lpips_weights, boundary_condition=boundary_condition)
+        if target_generator is not None:
+            self.target_generator.load_state_dict(self.generator.state_dict())
+        self.sigmas_asc, self.skipping_step = sigmas_asc, int(skipping_step)
+        T = len(sigmas_asc)
+        self.start_index = torch.arange(T - 1, 0, -self.skipping_step)  # 999, 979, ..., 19
+        self.target_index = (self.start_index - self.skipping_step).clamp(min=0)
+        self.w_min, self.w_max, self.solver = float(w_min), float(w_max), solver
+        self._w: Tensor | None = None
+
+    def sample_pair(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """A skipping pair ``(sigma_{n+k}, sigma_n)`` of the grid (student at the larger sigma)."""
+        j = torch.randint(0, len(self.start_index), (batch_size,))
+        return self.sigmas_asc[self.start_index[j]].to(device), self.sigmas_asc[self.target_index[j]].to(device)
+
+    def student_cond(self, cond, batch_size: int, device):
+        # (LCM Alg. 1, l. 4) w ~ U[w_min, w_max], a condition of the student and of the target
+        self._w = self.w_min + (self.w_max - self.w_min) * torch.rand(batch_size, device=device)
+        return replace(cond, guidance_scale=self._w)
+
+    def teacher_step(self, x_t: Tensor, sigma: Tensor, sigma_next: Tensor, cond) -> Tensor:
+        # (LCM Eq. 9) the augmented PF-ODE: the teacher's CFG prediction with the sampled w, one DDIM step
+        step = euler_step if self.solver == "ddim" else heun_step
+        return step(self.teacher, x_t, sigma, sigma_next, cond, self._w)
+
+    def pass_count(self) -> PassCount:
+        guided = getattr(self.teacher, "num_classes", None) is not None
+        teacher = (1.0 if self.solver == "ddim" else 2.0) * (2.0 if guided else 1.0)
+        return PassCount(forward=teacher + 1.0, forward_grad=1.0, backward=1.0)
