@@ -428,10 +428,10 @@ class CLIP(FeatureExtractor):
 
     def __init__(self, arch: str = "ViT-B-32-quickgelu", checkpoint: str | None = None, pretrained: bool = True):
         super().__init__()
+        path, source = resolve_clip_weights(arch, checkpoint) if pretrained else (None, "random")
         import open_clip
 
         if pretrained:
-            path, source = resolve_clip_weights(arch, checkpoint)
             self.model = open_clip.create_model(arch, pretrained=str(path), require_pretrained=True)
             self.weights_path, self.weights_sha256, self.weights_source = str(path), sha256_file(path), source
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -29,7 +30,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """Fréchet distance between two Gaussians, by ``cleanfid.fid.frechet_distance`` (its print is captured)."""
     from cleanfid.fid import frechet_distance as cf_frechet
 
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)  # scipy sqrtm(disp=)
         return float(cf_frechet(mu1, sigma1, mu2, sigma2))
 
 
