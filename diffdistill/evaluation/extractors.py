@@ -352,7 +352,8 @@ class Inception(FeatureExtractor):
         def local_only(url, *args, **kwargs):  # replaces the port's torch.hub download for the duration
             return state
 
-        with _patched(ip, "load_state_dict_from_url", local_only):
+        with _patched(ip, "load_state_dict_from_url", local_only), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
             self.net = ip.InceptionV3(output_blocks=[3], resize_input=False).eval().requires_grad_(False)
 
     def resize(self, img: np.ndarray) -> np.ndarray:

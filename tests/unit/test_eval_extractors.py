@@ -192,3 +192,20 @@ def test_effnet_lite0_loads_pretrained_and_gives_sensible_features(no_network):
     between = np.linalg.norm(fv.mean(0) - fh.mean(0))
     assert between > 3 * within
     assert fid(fv, fh) > 0
+
+
+@pytest.mark.slow
+def test_inception_legacy_port_from_local_state_dict(tmp_path, monkeypatch, no_cleanfid_dir, no_network):
+    import cleanfid.inception_pytorch as ip
+
+    with monkeypatch.context() as m:  # a random-weight FID Inception with the pytorch-fid layout
+        m.setattr(ip, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(nn.Module, "load_state_dict", lambda self, sd, strict=True, assign=False: None)
+        net = ip.fid_inception_v3()
+    path = tmp_path / E.LEGACY_INCEPTION_FILE
+    torch.save(net.state_dict(), path)
+    ex = E.build_extractor("inception", weights=str(path))
+    assert ex.mode == "legacy_pytorch" and ex.id == "inception_legacy_pytorch"
+    assert torch.equal(ex.net.blocks[0][0].conv.weight, net.Conv2d_1a_3x3.conv.weight)
+    feats = ex.extract(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
+    assert feats.shape == (2, 2048) and np.isfinite(feats).all()
