@@ -112,9 +112,10 @@ def evaluate(cfg: DictConfig) -> Path:
     todo = list(targets(cfg))
     if not todo:
         raise ValueError("nothing to evaluate: give checkpoint=<file>, run_dir=<run folder> or teacher=<name>")
-    evaluator = instantiate(cfg.eval, device=cfg.get("device", "cpu"))
+    evaluator = instantiate(cfg.eval, device=cfg.get("device") or "cpu")
     if not isinstance(evaluator, Evaluator):
         raise ValueError("the eval group builds no Evaluator (eval=none?); choose e.g. eval=effnet_fid")
+    evaluator.results_path = None  # the CLI writes its own rows (with checkpoint and EMA track)
     ex = evaluator.extractor or evaluator.clip
     out = default_out(cfg, ex.id)
     done: set[tuple] = set()

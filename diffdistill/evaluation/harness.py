@@ -73,7 +73,9 @@ class Evaluator:
         cond_fn: custom conditioning ``indices -> Conditioning`` (e.g. prompt embeddings); overrides classes.
         kid_subsets / kid_subset_size: clean-fid KID subsets (100 x 1000, its defaults).
         pr_k: k of the precision/recall k-NN manifolds (3, the paper's).
-        device: where generation and feature extraction run.
+        device: where generation and feature extraction run (``None``: the device of the first model scored,
+            so an in-loop evaluator follows the trainer onto the GPU).
+        results_path: if set, every call appends a row (step, scores) to this results JSON (in-loop use).
         cache: cache reference statistics in ``cache_dir()/refstats``.
     """
 
@@ -85,7 +87,8 @@ class Evaluator:
                  clip: str | CLIP | None = None, clip_kwargs: dict[str, Any] | None = None,
                  prompts: Sequence[str] | None = None, prompt_template: str = "a photo of a {}.",
                  cond_fn: CondFn | None = None, kid_subsets: int = 100, kid_subset_size: int = 1000, pr_k: int = 3,
-                 device: str | torch.device = "cpu", cache: bool = True, verbose: bool = False):
+                 device: str | torch.device | None = None, cache: bool = True, verbose: bool = False,
+                 results_path: str | None = None):
         expanded: list[str] = []
         for m in metrics:
             expanded += ["precision", "recall"] if m == "precision_recall" else [m]
@@ -101,7 +104,8 @@ class Evaluator:
             raise ValueError(f"metrics {self.metrics} need a reference dataset")
         if "kid" in self.metrics and min(num_images, num_reference or num_images) < 2:
             raise ValueError("KID needs at least 2 images on each side")
-        self.device = torch.device(device)
+        self.device = torch.device(device) if device is not None else None
+        self.results_path = results_path
         self.extractor_spec, self.extractor_kwargs = extractor, dict(extractor_kwargs or {})
         self.clip_spec, self.clip_kwargs = clip, dict(clip_kwargs or {})
         if any(m in self.metrics for m in ("clip_score", "clip_fid")) and clip is None:
@@ -126,13 +130,13 @@ class Evaluator:
     def extractor(self) -> FeatureExtractor | None:
         """The main extractor (built on first use); ``None`` when only ``clip_score`` is asked for."""
         if self._extractor is None and any(m in self.metrics for m in ("fid", "kid", "precision", "recall")):
-            self._extractor = build_extractor(self.extractor_spec, self.device, **self.extractor_kwargs)
+            self._extractor = build_extractor(self.extractor_spec, self.device or "cpu", **self.extractor_kwargs)
         return self._extractor
 
     @property
     def clip(self) -> CLIP | None:
         if self._clip is None and self.clip_spec is not None:
-            self._clip = build_extractor(self.clip_spec, self.device, **self.clip_kwargs)
+            self._clip = build_extractor(self.clip_spec, self.device or "cpu", **self.clip_kwargs)
             if not isinstance(self._clip, CLIP):
                 raise ValueError(f"`clip` must be a clip_<arch> extractor, got '{self._clip.id}'")
         return self._clip
@@ -162,6 +166,10 @@ class Evaluator:
     # -------------------------------------------------------------------------------------------- scoring
     def generate(self, model: nn.Module) -> torch.Tensor:
         """The ``num_images`` uint8 samples this evaluator scores."""
+        if self.device is None:
+            p = next(model.parameters(), None)
+            p = next(model.buffers(), None) if p is None else p
+            self.device = p.device if p is not None else torch.device("cpu")
         spec = sampler_spec(model, self.sampler_steps, self.sigmas)
         nc = self._num_classes(model)
         cond_fn = self.cond_fn or (class_conditioning(nc) if nc else None)
@@ -201,6 +209,8 @@ class Evaluator:
         images = self.generate(model)
         out = self.score_images(images, self._num_classes(model))
         self.last_seconds = time.perf_counter() - t0
+        if self.results_path:
+            write_results(self.results_path, self.protocol(), [self.record(out, step=step, kind="in-loop")])
         if self.verbose:
             print(f"[eval] step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
         return out
@@ -208,8 +218,6 @@ class Evaluator:
     # -------------------------------------------------------------------------------------------- protocol
     def protocol(self) -> dict[str, Any]:
         """Everything needed to reproduce a number: extractor, weights hash, images, seeds, reference, sampler."""
-        import diffdistill
-
         p: dict[str, Any] = {
             "metrics": self.metrics, "num_images": self.num_images,
             "seed_range": [self.seed, self.seed + self.num_images - 1],
@@ -232,7 +240,7 @@ class Evaluator:
                     ref_meta[ex.id] = {"num_images": r.num_images, "cache_file": str(r.path) if r.path else None,
                                        "subset_seed": r.meta.get("subset_seed")}
             p["reference"] = {**describe_dataset(self.reference, self.reference_split), "stats": ref_meta}
-        p["software"] = {"diffdistill": getattr(diffdistill, "__version__", None), "torch": torch.__version__,
+        p["software"] = {"diffdistill": _version(), "torch": torch.__version__,
                          "numpy": np.__version__, "python": platform.python_version()}
         return p
 
@@ -241,6 +249,15 @@ class Evaluator:
         """One results row: step, checkpoint, EMA track, sampler, scores, wall time."""
         return {"step": step, "checkpoint": checkpoint, "ema": ema, "sampler_steps": (self.last_sampler or {}).get(
             "sampler_steps"), **{k: float(v) for k, v in scores.items()}, "seconds": self.last_seconds, **extra}
+
+
+def _version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("diffdistill")
+    except Exception:  # noqa: BLE001 - not installed (plain checkout)
+        return None
 
 
 def _now() -> str:

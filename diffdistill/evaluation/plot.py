@@ -31,6 +31,7 @@ def plot_results(results: str | Path | dict[str, Any], out: str | Path | None = 
 
     doc = read_results(results) if not isinstance(results, dict) else results
     rows = [r for r in doc.get("results", []) if r.get("step") is not None]
+    fixed = [r for r in doc.get("results", []) if r.get("step") is None]  # e.g. the teacher: a horizontal line
     if not rows:
         raise ValueError("no results with a training step to plot")
     names = metrics or metric_names(rows)
@@ -50,6 +51,10 @@ def plot_results(results: str | Path | dict[str, Any], out: str | Path | None = 
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", ms=3, label=f"ema={ema}, steps={steps}")
+        for r in fixed:
+            if name in r:
+                label = f"{r.get('kind') or 'reference'}: {r.get('checkpoint')}"
+                ax.axhline(r[name], ls="--", lw=1, color="gray", label=label)
         ax.set_title(f"{name} ({ex}, n={proto.get('num_images', '?')})", fontsize=9)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)

@@ -80,6 +80,7 @@ def test_results_json_and_plot(tmp_path):
     other(_gen())
     with pytest.raises(ValueError, match="different evaluation protocol"):
         write_results(out, other.protocol(), [])
+    write_results(out, ev.protocol(), [ev.record(ev(_gen()), checkpoint="teacher", kind="teacher")])  # no step
     png = plot_results(out)
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
 
@@ -144,3 +145,15 @@ def test_cli_run_dir(tmp_path, monkeypatch, no_network):
     n = len(loaded)
     cli.evaluate(cfg)  # everything already evaluated: skipped
     assert len(loaded) == n
+
+
+def test_in_loop_results_path(tmp_path):
+    out = tmp_path / "eval" / "inloop.json"
+    ev = _evaluator(_reference(), results_path=str(out), num_images=32)
+    assert ev.device is None  # follows the model
+    gen = _gen().train()
+    for step in (5, 10):
+        ev(gen, step)
+    assert gen.training and str(ev.device) == "cpu"
+    rows = read_results(out)["results"]
+    assert [r["step"] for r in rows] == [5, 10] and all("fid" in r and r["kind"] == "in-loop" for r in rows)
