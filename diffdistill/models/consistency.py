@@ -107,7 +107,7 @@ def trigflow_F(denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning |
     if isinstance(den, EDMDenoiser) and den.sigma_data == sigma_data:
         _, _, _, c_noise = edm_precond(sigma, sigma_data)
         return -den.net(x_t / sigma_data, c_noise, cond).to(x_t.dtype)
-    x0_hat = denoiser(x, sigma, cond, **kwargs)
+    x0_hat = den(x, sigma, cond, **kwargs)
     return x0_to_trigflow_F(x_t, x0_hat, t, sigma_data)
 
 
