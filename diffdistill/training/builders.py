@@ -107,7 +107,13 @@ def make_objective(node: DictConfig, objective_cls: type[Objective], teacher: Te
 
 
 def build_experiment(cfg: DictConfig, with_objective: bool = True) -> Experiment:
-    """Everything except the trainer: dataset, teacher, roles and (optionally) the objective."""
+    """Everything except the trainer: dataset, teacher, roles and (optionally) the objective.
+
+    Seeds every RNG with ``trainer.seed`` first, so randomly initialised modules are reproducible.
+    """
+    from diffdistill.training.checkpoint import seed_everything
+
+    seed_everything(int(cfg.get("trainer", {}).get("seed", 0)))
     dataset = _instantiate(cfg.data, "dataset (data group)")
     teacher = build_teacher(cfg.backbone, dataset)
     objective_cls = objective_class(cfg.objective)

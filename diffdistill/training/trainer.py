@@ -144,7 +144,7 @@ class DistillTrainer:
         self.emas = {float(d): EMA(gen, decay=float(d)) for d in self.cfg.ema_decays}
         self.batcher = InfiniteBatcher(dataset, self.cfg.batch_size, seed=self.cfg.seed)
         self.step = 0
-        self.nonfinite = {"skipped": 0, "streak": 0}
+        self.nonfinite = {"skipped": 0, "streak_generator": 0, "streak_critic": 0}
 
     # ------------------------------------------------------------------------------------------
     # state
@@ -230,7 +230,7 @@ class DistillTrainer:
         for n in names:
             self.optimizers[n].zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            return self._skip(names, f"non-finite {kind} loss", logs)
+            return self._skip(names, kind, f"non-finite {kind} loss", logs)
         self.accelerator.backward(loss)
         for n in names:
             params = [p for p in self.roles[n].parameters() if p.grad is not None]
@@ -241,24 +241,26 @@ class DistillTrainer:
             gnorm = float(gnorm)
             logs[f"{n}_grad_norm"] = gnorm
             if not math.isfinite(gnorm):
-                return self._skip(names, f"non-finite gradient of '{n}'", logs)
+                return self._skip(names, kind, f"non-finite gradient of '{n}'", logs)
         for n in names:
             self.optimizers[n].step()
             self.schedulers[n].step()
             self.optimizers[n].zero_grad(set_to_none=True)
-        self.nonfinite["streak"] = 0
+        self.nonfinite[f"streak_{kind}"] = 0
         return logs
 
-    def _skip(self, names, why: str, logs: dict) -> dict:
+    def _skip(self, names, kind: str, why: str, logs: dict) -> dict:
+        """Drop this update (weights and optimiser state untouched), log it, stop if it keeps happening."""
         for n in names:
             self.optimizers[n].zero_grad(set_to_none=True)
         self.nonfinite["skipped"] += 1
-        self.nonfinite["streak"] += 1
+        self.nonfinite[f"streak_{kind}"] += 1
+        streak = self.nonfinite[f"streak_{kind}"]
         log.warning("step %d: %s, update of %s skipped (%d skipped so far)", self.step, why, list(names),
                     self.nonfinite["skipped"])
-        if self.nonfinite["streak"] >= self.cfg.max_nonfinite_streak:
+        if streak >= self.cfg.max_nonfinite_streak:
             raise NonFiniteError(
-                f"{self.nonfinite['streak']} consecutive non-finite updates at step {self.step} ({why}); the run is "
+                f"{streak} consecutive non-finite {kind} updates at step {self.step} ({why}); the run is "
                 "diverging. Lower the learning rate or check the teacher; the last good checkpoint is in "
                 f"{self.ckpt_dir}")
         return {**logs, "skipped": 1.0}
