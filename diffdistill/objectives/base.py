@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 
@@ -102,6 +102,10 @@ class Objective:
 
     def on_step_end(self, step: int) -> None:
         """Hook after each iteration (target-network EMA updates)."""
+
+    def auxiliary_modules(self) -> dict[str, nn.Module]:
+        """Frozen helper networks of the loss that are not roles (e.g. LPIPS); the trainer places them."""
+        return {}
 
     def pass_count(self) -> PassCount:
         """Backbone passes of one iteration (averaged over the update schedule)."""

@@ -222,13 +222,11 @@ class ConsistencyDistillation(Objective):
         return cond
 
     def _lpips_fn(self, x: Tensor) -> nn.Module | None:
-        if self.lpips is None:
-            return None
-        # the metric is a frozen constant of the loss, not a role: it follows the data's device on first use
-        p = next(self.lpips.parameters())
-        if p.device != x.device:
-            self.lpips.to(x.device)
+        # a frozen constant of the loss, not a role: the trainer places it via ``auxiliary_modules``
         return self.lpips
+
+    def auxiliary_modules(self) -> dict[str, nn.Module]:
+        return {"lpips": self.lpips} if self.lpips is not None else {}
 
     def generator_loss(self, batch: Batch, step: int) -> LossOutput:
         x0, cond = batch.x0, batch.cond

@@ -128,6 +128,8 @@ class DistillTrainer:
         optim = optim or OptimizerSpec()
         for name in (*objective.roles, *objective.frozen_roles):
             roles[name].to(self.device)
+        for module in objective.auxiliary_modules().values():
+            module.to(self.device)
         for name in objective.roles:
             module = roles[name]
             if self.cfg.channels_last and module.sample_shape is not None and len(module.sample_shape) == 3:
