@@ -14,4 +14,4 @@ def compose_train(overrides: list[str], config_name: str = "train"):
         return compose(config_name=config_name, overrides=overrides, return_hydra_config=False)
 
 
-TINY = ["~experiment", "backbone=tiny_unet", "data=fashion_mnist_tiny", "trainer=tiny", "trainer.device=cpu"]
+TINY = ["~experiment", "backbone=tiny_unet", "data=synthetic", "trainer=tiny", "trainer.device=cpu"]

@@ -129,3 +129,21 @@ class InfiniteBatcher:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset, self.seed, self._perm = state["epoch"], state["offset"], state["seed"], None
+
+
+def SyntheticImages(num: int = 256, resolution: int = 8, channels: int = 1, num_classes: int = 10,
+                    seed: int = 0) -> ImageTensorDataset:
+    """Class-dependent random blobs (smoke tests and CI; no files needed).
+
+    Class ``k`` is a Gaussian blob centred on a position that depends on ``k``, plus pixel noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (num,), generator=g)
+    yy, xx = torch.meshgrid(torch.arange(resolution), torch.arange(resolution), indexing="ij")
+    ang = labels.float() * (2 * torch.pi / num_classes)
+    cx = (resolution - 1) / 2 * (1 + 0.6 * ang.cos())
+    cy = (resolution - 1) / 2 * (1 + 0.6 * ang.sin())
+    d2 = (xx[None] - cx[:, None, None]) ** 2 + (yy[None] - cy[:, None, None]) ** 2
+    img = torch.exp(-d2 / (2 * (resolution / 6) ** 2)) + 0.05 * torch.randn(num, resolution, resolution, generator=g)
+    img = (img.clamp(0, 1) * 255).round().to(torch.uint8)[:, None].expand(-1, channels, -1, -1).contiguous()
+    return ImageTensorDataset(img, labels, num_classes, name=f"synthetic-{resolution}-{seed}")
