@@ -51,19 +51,33 @@ def euler_sample(denoise: DenoiseFn, x: Tensor, sigmas: Tensor, cond: Conditioni
     return x
 
 
-def multistep_sample(denoise: DenoiseFn, z: Tensor, sigmas: list[float] | Tensor, cond: Conditioning | None = None,
-                     generator: torch.Generator | None = None, noise: list[Tensor] | None = None) -> Tensor:
+def multistep_sample(
+    denoise: DenoiseFn,
+    z: Tensor,
+    sigmas: list[float] | Tensor,
+    cond: Conditioning | None = None,
+    generator: torch.Generator | None = None,
+    noise: list[Tensor] | None = None,
+) -> Tensor:
     """Consistency multistep sampling: ``x0 = D(sigma_0 z)``; for each next sigma ``x0 = D(x0 + sigma eps)``."""
     sigmas = [float(s) for s in sigmas]
     x0 = _d(denoise, sigmas[0] * z, sigmas[0], cond)
     for i, s in enumerate(sigmas[1:]):
-        eps = noise[i] if noise is not None else torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        eps = (
+            noise[i] if noise is not None else torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        )
         x0 = _d(denoise, x0 + s * eps, s, cond)
     return x0
 
 
-def tcd_sample(denoise: DenoiseFn, z: Tensor, sigmas: list[float] | Tensor, gamma: float = 0.3,
-               cond: Conditioning | None = None, generator: torch.Generator | None = None) -> Tensor:
+def tcd_sample(
+    denoise: DenoiseFn,
+    z: Tensor,
+    sigmas: list[float] | Tensor,
+    gamma: float = 0.3,
+    cond: Conditioning | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """TCD's strategic stochastic sampling; ``gamma = 0`` is deterministic DDIM-like, ``gamma = 1`` is multistep CM."""
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")

@@ -9,8 +9,12 @@ from pathlib import Path
 
 _here = Path(__file__).resolve()
 # configs/ lives at the repository root in a checkout and inside the package when installed from a wheel
-CONFIG_DIR = str(next((p for p in (_here.parents[2] / "configs", _here.parents[1] / "configs") if p.is_dir()),
-                      _here.parents[2] / "configs"))
+CONFIG_DIR = str(
+    next(
+        (p for p in (_here.parents[2] / "configs", _here.parents[1] / "configs") if p.is_dir()),
+        _here.parents[2] / "configs",
+    )
+)
 
 log = logging.getLogger("diffdistill")
 

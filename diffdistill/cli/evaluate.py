@@ -129,8 +129,9 @@ def evaluate(cfg: DictConfig) -> Path:
             continue
         model = load_target(t, cfg).to(evaluator.device)
         scores = evaluator(model, t.step)
-        row = evaluator.record(scores, step=t.step, checkpoint=t.checkpoint or cfg.get("teacher"), ema=t.ema,
-                               kind=t.kind)
+        row = evaluator.record(
+            scores, step=t.step, checkpoint=t.checkpoint or cfg.get("teacher"), ema=t.ema, kind=t.kind
+        )
         write_results(out, evaluator.protocol(), [row])
         print(f"{t.label}: " + ", ".join(f"{k}={v:.4g}" for k, v in scores.items()))
     if cfg.get("plot", True):

@@ -17,9 +17,14 @@ def main(cfg: DictConfig) -> None:
 
     with friendly_errors():
         dataset = instantiate(cfg.data)
-        out = train_teacher(OmegaConf.to_container(cfg.model, resolve=True), dataset, cfg.out_dir,
-                            export_dir=cfg.export_dir, command=" ".join(["diffdistill-teacher", *sys.argv[1:]]),
-                            **OmegaConf.to_container(cfg.train, resolve=True))
+        out = train_teacher(
+            OmegaConf.to_container(cfg.model, resolve=True),
+            dataset,
+            cfg.out_dir,
+            export_dir=cfg.export_dir,
+            command=" ".join(["diffdistill-teacher", *sys.argv[1:]]),
+            **OmegaConf.to_container(cfg.train, resolve=True),
+        )
         print(f"teacher written to {out}")
 
 

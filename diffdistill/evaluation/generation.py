@@ -21,8 +21,9 @@ from diffdistill.utils.images import to_uint8
 CondFn = Callable[[Tensor], Conditioning]
 
 
-def per_sample_noise(indices: Tensor | range, shape: tuple[int, ...], seed: int = 0,
-                     num_draws: int = 1) -> list[Tensor]:
+def per_sample_noise(
+    indices: Tensor | range, shape: tuple[int, ...], seed: int = 0, num_draws: int = 1
+) -> list[Tensor]:
     """``num_draws`` noise tensors ``[B, *shape]``; row ``b`` of draw ``k`` is the ``k``-th ``randn(shape)`` of
     ``torch.Generator().manual_seed(seed + indices[b])``."""
     draws: list[list[Tensor]] = [[] for _ in range(num_draws)]
@@ -65,8 +66,10 @@ def sampler_spec(model: nn.Module, steps: int | None = None, sigmas: list[float]
         s = [float(v) for v in (sigmas if sigmas is not None else model.sampling_sigmas)]
         if steps is not None and sigmas is None:
             if steps > len(s):
-                raise ValueError(f"the generator has {len(s)} sampling sigmas {s}; cannot sample {steps} steps "
-                                 "(give eval sigmas explicitly)")
+                raise ValueError(
+                    f"the generator has {len(s)} sampling sigmas {s}; cannot sample {steps} steps "
+                    "(give eval sigmas explicitly)"
+                )
             s = s[:steps]
         return SamplerSpec("one_step" if len(s) == 1 else "multistep", s, len(s))
     n = 18 if steps is None else int(steps)
@@ -78,8 +81,14 @@ def sampler_spec(model: nn.Module, steps: int | None = None, sigmas: list[float]
 
 
 @torch.no_grad()
-def sample_batch(model: nn.Module, indices: Tensor, spec: SamplerSpec, seed: int = 0,
-                 cond_fn: CondFn | None = None, device: str | torch.device = "cpu") -> Tensor:
+def sample_batch(
+    model: nn.Module,
+    indices: Tensor,
+    spec: SamplerSpec,
+    seed: int = 0,
+    cond_fn: CondFn | None = None,
+    device: str | torch.device = "cpu",
+) -> Tensor:
     """Images ``[B, C, H, W]`` in ``[-1, 1]`` (float) for the sample indices ``indices``."""
     from diffdistill.sampling import heun_sample, multistep_sample
 
@@ -97,9 +106,16 @@ def sample_batch(model: nn.Module, indices: Tensor, spec: SamplerSpec, seed: int
     return heun_sample(model, spec.sigmas[0] * z, sigmas, cond)
 
 
-def iter_generate(model: nn.Module, num_images: int, seed: int = 0, batch_size: int = 64, start: int = 0,
-                  spec: SamplerSpec | None = None, cond_fn: CondFn | None = None,
-                  device: str | torch.device = "cpu") -> Iterator[Tensor]:
+def iter_generate(
+    model: nn.Module,
+    num_images: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    start: int = 0,
+    spec: SamplerSpec | None = None,
+    cond_fn: CondFn | None = None,
+    device: str | torch.device = "cpu",
+) -> Iterator[Tensor]:
     """Yield uint8 image batches ``[b, C, H, W]`` for indices ``start .. start + num_images - 1``.
 
     The model is put in eval mode for the duration and restored afterwards (safe inside a training loop).
@@ -115,9 +131,18 @@ def iter_generate(model: nn.Module, num_images: int, seed: int = 0, batch_size: 
         model.train(was_training)
 
 
-def generate(model: nn.Module, num_images: int, seed: int = 0, batch_size: int = 64, start: int = 0,
-             steps: int | None = None, sigmas: list[float] | None = None, num_classes: int | None = None,
-             cond_fn: CondFn | None = None, device: str | torch.device = "cpu") -> Tensor:
+def generate(
+    model: nn.Module,
+    num_images: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    start: int = 0,
+    steps: int | None = None,
+    sigmas: list[float] | None = None,
+    num_classes: int | None = None,
+    cond_fn: CondFn | None = None,
+    device: str | torch.device = "cpu",
+) -> Tensor:
     """``num_images`` uint8 images ``[N, C, H, W]``, image ``i`` seeded by ``seed + start + i``.
 
     Class-conditional models (``num_classes`` given or ``model.num_classes``) get labels ``i % num_classes``

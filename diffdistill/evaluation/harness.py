@@ -79,16 +79,34 @@ class Evaluator:
         cache: cache reference statistics in ``cache_dir()/refstats``.
     """
 
-    def __init__(self, extractor: str | FeatureExtractor = "effnet_lite0", reference: Any = None,
-                 num_images: int = 1000, metrics: Sequence[str] = ("fid", "kid"), seed: int = 0, batch_size: int = 64,
-                 extractor_kwargs: dict[str, Any] | None = None, num_reference: int | None = None,
-                 reference_split: str | None = None, reference_seed: int = 0, sampler_steps: int | None = None,
-                 sigmas: Sequence[float] | None = None, num_classes: int | str | None = "auto",
-                 clip: str | CLIP | None = None, clip_kwargs: dict[str, Any] | None = None,
-                 prompts: Sequence[str] | None = None, prompt_template: str = "a photo of a {}.",
-                 cond_fn: CondFn | None = None, kid_subsets: int = 100, kid_subset_size: int = 1000, pr_k: int = 3,
-                 device: str | torch.device | None = None, cache: bool = True, verbose: bool = False,
-                 results_path: str | None = None):
+    def __init__(
+        self,
+        extractor: str | FeatureExtractor = "effnet_lite0",
+        reference: Any = None,
+        num_images: int = 1000,
+        metrics: Sequence[str] = ("fid", "kid"),
+        seed: int = 0,
+        batch_size: int = 64,
+        extractor_kwargs: dict[str, Any] | None = None,
+        num_reference: int | None = None,
+        reference_split: str | None = None,
+        reference_seed: int = 0,
+        sampler_steps: int | None = None,
+        sigmas: Sequence[float] | None = None,
+        num_classes: int | str | None = "auto",
+        clip: str | CLIP | None = None,
+        clip_kwargs: dict[str, Any] | None = None,
+        prompts: Sequence[str] | None = None,
+        prompt_template: str = "a photo of a {}.",
+        cond_fn: CondFn | None = None,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        pr_k: int = 3,
+        device: str | torch.device | None = None,
+        cache: bool = True,
+        verbose: bool = False,
+        results_path: str | None = None,
+    ):
         expanded: list[str] = []
         for m in metrics:
             expanded += ["precision", "recall"] if m == "precision_recall" else [m]
@@ -144,9 +162,16 @@ class Evaluator:
     def reference_stats(self, extractor: FeatureExtractor) -> ReferenceStats:
         """Reference statistics for ``extractor`` (computed once, cached on disk)."""
         if extractor.id not in self._ref:
-            self._ref[extractor.id] = reference_stats(self.reference, extractor, self.num_reference,
-                                                      self.reference_split, self.batch_size, self.cache,
-                                                      seed=self.reference_seed, verbose=self.verbose)
+            self._ref[extractor.id] = reference_stats(
+                self.reference,
+                extractor,
+                self.num_reference,
+                self.reference_split,
+                self.batch_size,
+                self.cache,
+                seed=self.reference_seed,
+                verbose=self.verbose,
+            )
         return self._ref[extractor.id]
 
     def _num_classes(self, model: nn.Module | None) -> int | None:
@@ -173,10 +198,14 @@ class Evaluator:
         spec = sampler_spec(model, self.sampler_steps, self.sigmas)
         nc = self._num_classes(model)
         cond_fn = self.cond_fn or (class_conditioning(nc) if nc else None)
-        self.last_sampler = {**spec.protocol(), "num_classes": nc,
-                             "guidance_scale": getattr(model, "guidance_scale", None)}
-        return torch.cat(list(iter_generate(model, self.num_images, self.seed, self.batch_size, 0, spec, cond_fn,
-                                            self.device)))
+        self.last_sampler = {
+            **spec.protocol(),
+            "num_classes": nc,
+            "guidance_scale": getattr(model, "guidance_scale", None),
+        }
+        return torch.cat(
+            list(iter_generate(model, self.num_images, self.seed, self.batch_size, 0, spec, cond_fn, self.device))
+        )
 
     def score_images(self, images: torch.Tensor, num_classes: int | None = None) -> dict[str, float]:
         """Score uint8 images ``[N, C, H, W]`` (the i-th image is taken as sample index i)."""
@@ -219,36 +248,60 @@ class Evaluator:
     def protocol(self) -> dict[str, Any]:
         """Everything needed to reproduce a number: extractor, weights hash, images, seeds, reference, sampler."""
         p: dict[str, Any] = {
-            "metrics": self.metrics, "num_images": self.num_images,
+            "metrics": self.metrics,
+            "num_images": self.num_images,
             "seed_range": [self.seed, self.seed + self.num_images - 1],
-            "seeding": "sample i: torch.Generator().manual_seed(seed + i)", "image_quantisation": "uint8 (round)",
+            "seeding": "sample i: torch.Generator().manual_seed(seed + i)",
+            "image_quantisation": "uint8 (round)",
             "kid": {"num_subsets": self.kid_subsets, "max_subset_size": self.kid_subset_size, "numpy_seed": self.seed},
-            "precision_recall_k": self.pr_k, "sampler": self.last_sampler,
+            "precision_recall_k": self.pr_k,
+            "sampler": self.last_sampler,
         }
         if self.extractor is not None:
             p["extractor"] = self.extractor.protocol()
         if self.clip is not None:
             p["clip"] = self.clip.protocol()
             if "clip_score" in self.metrics:
-                p["clip_score_prompts"] = (self.prompts[:20] if self.prompts
-                                           else f"class names via '{self.prompt_template}'")
+                p["clip_score_prompts"] = (
+                    self.prompts[:20] if self.prompts else f"class names via '{self.prompt_template}'"
+                )
         if self.reference is not None:
             ref_meta = {}
             for ex in (self.extractor, self.clip):
                 if ex is not None and ex.id in self._ref:
                     r = self._ref[ex.id]
-                    ref_meta[ex.id] = {"num_images": r.num_images, "cache_file": str(r.path) if r.path else None,
-                                       "subset_seed": r.meta.get("subset_seed")}
+                    ref_meta[ex.id] = {
+                        "num_images": r.num_images,
+                        "cache_file": str(r.path) if r.path else None,
+                        "subset_seed": r.meta.get("subset_seed"),
+                    }
             p["reference"] = {**describe_dataset(self.reference, self.reference_split), "stats": ref_meta}
-        p["software"] = {"diffdistill": _version(), "torch": torch.__version__,
-                         "numpy": np.__version__, "python": platform.python_version()}
+        p["software"] = {
+            "diffdistill": _version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        }
         return p
 
-    def record(self, scores: dict[str, float], step: int | None = None, checkpoint: str | None = None,
-               ema: str | None = None, **extra: Any) -> dict[str, Any]:
+    def record(
+        self,
+        scores: dict[str, float],
+        step: int | None = None,
+        checkpoint: str | None = None,
+        ema: str | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         """One results row: step, checkpoint, EMA track, sampler, scores, wall time."""
-        return {"step": step, "checkpoint": checkpoint, "ema": ema, "sampler_steps": (self.last_sampler or {}).get(
-            "sampler_steps"), **{k: float(v) for k, v in scores.items()}, "seconds": self.last_seconds, **extra}
+        return {
+            "step": step,
+            "checkpoint": checkpoint,
+            "ema": ema,
+            "sampler_steps": (self.last_sampler or {}).get("sampler_steps"),
+            **{k: float(v) for k, v in scores.items()},
+            "seconds": self.last_seconds,
+            **extra,
+        }
 
 
 def _version() -> str | None:
@@ -292,9 +345,14 @@ def write_results(path: str | Path, protocol: dict[str, Any], rows: list[dict[st
 def _comparable(p: dict[str, Any]) -> dict[str, Any]:
     """The parts of a protocol that must match for two results to share a file."""
     ex = p.get("extractor") or {}
-    return {"metrics": p.get("metrics"), "num_images": p.get("num_images"), "seed_range": p.get("seed_range"),
-            "extractor": ex.get("extractor"), "weights_sha256": ex.get("weights_sha256"),
-            "reference": {k: (p.get("reference") or {}).get(k) for k in ("dataset", "split", "resolution")}}
+    return {
+        "metrics": p.get("metrics"),
+        "num_images": p.get("num_images"),
+        "seed_range": p.get("seed_range"),
+        "extractor": ex.get("extractor"),
+        "weights_sha256": ex.get("weights_sha256"),
+        "reference": {k: (p.get("reference") or {}).get(k) for k in ("dataset", "split", "resolution")},
+    }
 
 
 def read_results(path: str | Path) -> dict[str, Any]:

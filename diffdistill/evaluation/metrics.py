@@ -40,8 +40,9 @@ def fid(features1: np.ndarray, features2: np.ndarray) -> float:
     return frechet_distance(*feature_stats(features1), *feature_stats(features2))
 
 
-def kid(features1: np.ndarray, features2: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,
-        seed: int = 0) -> float:
+def kid(
+    features1: np.ndarray, features2: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0
+) -> float:
     """KID by ``cleanfid.fid.kernel_distance`` (cubic polynomial-kernel MMD over random subsets).
 
     clean-fid draws the subsets from the global numpy RNG; it is seeded with ``seed`` here and restored after.
@@ -51,8 +52,14 @@ def kid(features1: np.ndarray, features2: np.ndarray, num_subsets: int = 100, ma
     state = np.random.get_state()
     np.random.seed(seed)
     try:
-        return float(kernel_distance(np.asarray(features1, np.float64), np.asarray(features2, np.float64),
-                                     num_subsets=num_subsets, max_subset_size=max_subset_size))
+        return float(
+            kernel_distance(
+                np.asarray(features1, np.float64),
+                np.asarray(features2, np.float64),
+                num_subsets=num_subsets,
+                max_subset_size=max_subset_size,
+            )
+        )
     finally:
         np.random.set_state(state)
 
@@ -99,11 +106,14 @@ def clip_score(image_embeds: Tensor, text_embeds: Tensor) -> dict[str, float]:
     mean cosine ``clip_cosine``.
     """
     if image_embeds.shape != text_embeds.shape:
-        raise ValueError(f"image and text embeddings differ in shape: {tuple(image_embeds.shape)} vs "
-                         f"{tuple(text_embeds.shape)}")
+        raise ValueError(
+            f"image and text embeddings differ in shape: {tuple(image_embeds.shape)} vs {tuple(text_embeds.shape)}"
+        )
     i = image_embeds.double() / image_embeds.double().norm(dim=-1, keepdim=True)
     t = text_embeds.double() / text_embeds.double().norm(dim=-1, keepdim=True)
     cos = (i * t).sum(dim=-1)
-    return {"clip_score": (100.0 * cos.clamp(min=0)).mean().item(),
-            "clip_score_torchmetrics": max((100.0 * cos).mean().item(), 0.0),
-            "clip_cosine": cos.mean().item()}
+    return {
+        "clip_score": (100.0 * cos.clamp(min=0)).mean().item(),
+        "clip_score_torchmetrics": max((100.0 * cos).mean().item(), 0.0),
+        "clip_cosine": cos.mean().item(),
+    }

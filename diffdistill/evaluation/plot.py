@@ -20,8 +20,9 @@ def metric_names(rows: list[dict[str, Any]]) -> list[str]:
     return list(names)
 
 
-def plot_results(results: str | Path | dict[str, Any], out: str | Path | None = None,
-                 metrics: list[str] | None = None) -> Path:
+def plot_results(
+    results: str | Path | dict[str, Any], out: str | Path | None = None, metrics: list[str] | None = None
+) -> Path:
     """One subplot per metric vs step, one line per (EMA track, sampler steps). Returns the PNG path
     (default: next to the JSON, ``<name>.png``)."""
     import matplotlib
@@ -46,8 +47,11 @@ def plot_results(results: str | Path | dict[str, Any], out: str | Path | None = 
     ex = (proto.get("extractor") or {}).get("extractor", "?")
     for ax, name in zip(axes[0], names):
         for ema, steps in tracks:
-            pts = sorted((r["step"], r[name]) for r in rows
-                         if str(r.get("ema")) == ema and r.get("sampler_steps") == steps and name in r)
+            pts = sorted(
+                (r["step"], r[name])
+                for r in rows
+                if str(r.get("ema")) == ema and r.get("sampler_steps") == steps and name in r
+            )
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", ms=3, label=f"ema={ema}, steps={steps}")

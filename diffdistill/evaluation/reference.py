@@ -62,8 +62,10 @@ def dataset_images(dataset: Any) -> torch.Tensor:
     """uint8 ``[N, C, H, W]`` from an :class:`~diffdistill.data.ImageTensorDataset` (or a uint8 tensor)."""
     images = dataset if torch.is_tensor(dataset) else getattr(dataset, "images", None)
     if images is None or images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError("reference must be an image dataset with uint8 .images [N, C, H, W] (e.g. "
-                         "diffdistill.data.FashionMNIST(...)) or such a tensor")
+        raise ValueError(
+            "reference must be an image dataset with uint8 .images [N, C, H, W] (e.g. "
+            "diffdistill.data.FashionMNIST(...)) or such a tensor"
+        )
     return images
 
 
@@ -74,15 +76,22 @@ def describe_dataset(dataset: Any, split: str | None = None) -> dict[str, Any]:
     if split is None:  # diffdistill dataset names look like "fashion_mnist-train-32"
         m = re.search(r"-(train|test|val|validation)(?:-|$)", name)
         split = m.group(1) if m else "na"
-    return {"dataset": name, "split": split, "resolution": int(images.shape[-1]), "channels": int(images.shape[1]),
-            "dataset_size": int(images.shape[0])}
+    return {
+        "dataset": name,
+        "split": split,
+        "resolution": int(images.shape[-1]),
+        "channels": int(images.shape[1]),
+        "dataset_size": int(images.shape[0]),
+    }
 
 
 def reference_key(dataset_info: dict[str, Any], extractor: FeatureExtractor, num_images: int) -> str:
     """Cache file stem: dataset, split, resolution, number of images, extractor id, weights hash."""
     sha = (extractor.weights_sha256 or "noweights")[:16]
-    raw = f"{dataset_info['dataset']}_{dataset_info['split']}_{dataset_info['resolution']}px_n{num_images}_" \
-          f"{extractor.id}_{sha}"
+    raw = (
+        f"{dataset_info['dataset']}_{dataset_info['split']}_{dataset_info['resolution']}px_n{num_images}_"
+        f"{extractor.id}_{sha}"
+    )
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", raw)
 
 
@@ -94,9 +103,17 @@ def select_indices(n_total: int, num_images: int | None, seed: int = 0) -> torch
     return torch.randperm(n_total, generator=g)[:num_images].sort().values
 
 
-def reference_stats(dataset: Any, extractor: FeatureExtractor, num_images: int | None = None, split: str | None = None,
-                    batch_size: int = 64, cache: bool = True, cache_root: str | Path | None = None,
-                    seed: int = 0, verbose: bool = False) -> ReferenceStats:
+def reference_stats(
+    dataset: Any,
+    extractor: FeatureExtractor,
+    num_images: int | None = None,
+    split: str | None = None,
+    batch_size: int = 64,
+    cache: bool = True,
+    cache_root: str | Path | None = None,
+    seed: int = 0,
+    verbose: bool = False,
+) -> ReferenceStats:
     """Reference statistics of ``dataset`` (all images, or a seeded subset of ``num_images``), cached.
 
     The cache lives in ``cache_root`` (default ``cache_dir()/refstats``); ``cache=False`` always recomputes.
@@ -116,23 +133,36 @@ def reference_stats(dataset: Any, extractor: FeatureExtractor, num_images: int |
     if verbose:
         print(f"computing reference statistics {key} ({n} images) ...")
     feats = extractor.extract(images[idx], batch_size=batch_size)
-    meta = {**info, "num_images": n, "subset_seed": None if n == images.shape[0] else seed,
-            **{f"extractor_{k}" if k != "extractor" else k: v for k, v in extractor.protocol().items()},
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    meta = {
+        **info,
+        "num_images": n,
+        "subset_seed": None if n == images.shape[0] else seed,
+        **{f"extractor_{k}" if k != "extractor" else k: v for k, v in extractor.protocol().items()},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     stats = ReferenceStats.from_features(feats, meta)
     if cache:
         stats.save(path)
     return stats
 
 
-def folder_features(folder: str | Path, extractor: FeatureExtractor, batch_size: int = 64,
-                    num_images: int | None = None) -> np.ndarray:
+def folder_features(
+    folder: str | Path, extractor: FeatureExtractor, batch_size: int = 64, num_images: int | None = None
+) -> np.ndarray:
     """Features of an image folder through clean-fid's ``get_folder_features`` with this extractor and resize."""
     from cleanfid.fid import get_folder_features
 
-    return get_folder_features(str(folder), model=extractor, num_workers=0, num=num_images, batch_size=batch_size,
-                               device=extractor.device, mode="clean", custom_fn_resize=extractor.resize,
-                               verbose=False).astype(np.float32)
+    return get_folder_features(
+        str(folder),
+        model=extractor,
+        num_workers=0,
+        num=num_images,
+        batch_size=batch_size,
+        device=extractor.device,
+        mode="clean",
+        custom_fn_resize=extractor.resize,
+        verbose=False,
+    ).astype(np.float32)
 
 
 def save_images(images: torch.Tensor, folder: str | Path, start: int = 0) -> Path:

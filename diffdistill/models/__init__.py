@@ -6,5 +6,13 @@ from diffdistill.models.denoiser import Denoiser, EDMDenoiser
 from diffdistill.models.generator import FakeScore, Generator
 from diffdistill.models.teacher import Teacher
 
-__all__ = ["Conditioning", "Denoiser", "EDMDenoiser", "FakeScore", "GaussianDenoiser", "GaussianMixtureDenoiser",
-           "Generator", "Teacher"]
+__all__ = [
+    "Conditioning",
+    "Denoiser",
+    "EDMDenoiser",
+    "FakeScore",
+    "GaussianDenoiser",
+    "GaussianMixtureDenoiser",
+    "Generator",
+    "Teacher",
+]

@@ -27,8 +27,15 @@ class GaussianDenoiser(Denoiser):
         trainable: make ``mu`` and ``log s`` parameters (an exact fake score for Gaussian students).
     """
 
-    def __init__(self, mean: Tensor | list[float], std: Tensor | list[float], sigma_data: float | None = None,
-                 sigma_min: float = 0.002, sigma_max: float = 80.0, trainable: bool = False):
+    def __init__(
+        self,
+        mean: Tensor | list[float],
+        std: Tensor | list[float],
+        sigma_data: float | None = None,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        trainable: bool = False,
+    ):
         super().__init__()
         mean = torch.as_tensor(mean, dtype=torch.float32)
         std = torch.as_tensor(std, dtype=torch.float32).expand_as(mean).clone()
@@ -56,8 +63,9 @@ class GaussianDenoiser(Denoiser):
 
     def trainable_copy(self) -> GaussianDenoiser:
         """A trainable copy (``mu``, ``log s`` as parameters): the exact fake score family for Gaussian students."""
-        return GaussianDenoiser(self.mean.detach(), self.std.detach(), self.sigma_data, self.sigma_min,
-                                self.sigma_max, trainable=True)
+        return GaussianDenoiser(
+            self.mean.detach(), self.std.detach(), self.sigma_data, self.sigma_min, self.sigma_max, trainable=True
+        )
 
     def score(self, x: Tensor, sigma: Tensor) -> Tensor:
         """``grad log p_sigma(x) = -(x - mu) / (s^2 + sigma^2)``."""
@@ -75,8 +83,15 @@ class GaussianMixtureDenoiser(Denoiser):
     (class-conditional teacher); the null class ``K`` gives the full mixture.
     """
 
-    def __init__(self, means: Tensor | list, stds: Tensor | list | float, weights: Tensor | list | None = None,
-                 sigma_data: float | None = None, sigma_min: float = 0.002, sigma_max: float = 80.0):
+    def __init__(
+        self,
+        means: Tensor | list,
+        stds: Tensor | list | float,
+        weights: Tensor | list | None = None,
+        sigma_data: float | None = None,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+    ):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float32)
         K = means.shape[0]
@@ -114,7 +129,9 @@ class GaussianMixtureDenoiser(Denoiser):
             w = torch.where(is_null, w, onehot)
         return (w[..., None] * comp).sum(1)
 
-    def sample(self, n: int, generator: torch.Generator | None = None, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         if labels is None:
             labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.means.shape[1], generator=generator)
@@ -128,8 +145,15 @@ class AffineDenoiser(Denoiser):
     ``|a| = s``, ``b = mu``. ``a = 0`` is a stationary point of every method, so initialise ``a != 0``.
     """
 
-    def __init__(self, dim: int = 16, a_init: float = 0.5, b_init: float = -0.2, sigma_data: float = 0.5,
-                 sigma_min: float = 0.002, sigma_max: float = 80.0):
+    def __init__(
+        self,
+        dim: int = 16,
+        a_init: float = 0.5,
+        b_init: float = -0.2,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+    ):
         super().__init__()
         self.a = nn.Parameter(torch.full((dim,), float(a_init)))
         self.b = nn.Parameter(torch.full((dim,), float(b_init)))

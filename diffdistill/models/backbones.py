@@ -55,8 +55,13 @@ class UNetBackbone(nn.Module):
             (the convention of openai/consistency_models).
     """
 
-    def __init__(self, unet_config: dict[str, Any], num_classes: int | None = None, c_noise_scale: float = 1000.0,
-                 guidance_embedding: bool = False) -> None:
+    def __init__(
+        self,
+        unet_config: dict[str, Any],
+        num_classes: int | None = None,
+        c_noise_scale: float = 1000.0,
+        guidance_embedding: bool = False,
+    ) -> None:
         super().__init__()
         from diffusers import UNet2DModel
 
@@ -109,8 +114,10 @@ class UNetBackbone(nn.Module):
     def features(self, x_in: Tensor, c_noise: Tensor, cond: Conditioning) -> list[Tensor]:
         """Output of each down block and of the mid block (discriminator taps)."""
         taps: list[Tensor] = []
-        hooks = [b.register_forward_hook(lambda m, i, o: taps.append(o[0] if isinstance(o, tuple) else o))
-                 for b in [*self.unet.down_blocks, self.unet.mid_block]]
+        hooks = [
+            b.register_forward_hook(lambda m, i, o: taps.append(o[0] if isinstance(o, tuple) else o))
+            for b in [*self.unet.down_blocks, self.unet.mid_block]
+        ]
         try:
             self.forward(x_in, c_noise, cond)
         finally:
@@ -135,15 +142,22 @@ class MLPBackbone(nn.Module):
     """A residual MLP on flat ``[B, dim]`` samples, conditioned on ``c_noise`` (and optional classes, and the
     guidance scale when ``guidance_embedding`` is on: off by default so saved configs still load)."""
 
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_classes: int | None = None,
-                 guidance_embedding: bool = False):
+    def __init__(
+        self,
+        dim: int = 2,
+        hidden: int = 128,
+        depth: int = 3,
+        num_classes: int | None = None,
+        guidance_embedding: bool = False,
+    ):
         super().__init__()
         self.dim, self.num_classes = dim, num_classes
         self.emb = FourierEmbedding(hidden)
         self.class_emb = nn.Embedding(num_classes + 1, hidden) if num_classes is not None else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth)
+            nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            for _ in range(depth)
         )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
         self.hidden = hidden

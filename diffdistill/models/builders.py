@@ -8,17 +8,31 @@ from diffdistill.models.backbones import MLPBackbone, UNetBackbone
 from diffdistill.models.denoiser import EDMDenoiser
 
 
-def edm_unet(unet_config: dict[str, Any], num_classes: int | None = None, sigma_data: float = 0.5,
-             sigma_min: float = 0.002, sigma_max: float = 80.0, c_noise_scale: float = 1000.0,
-             guidance_embedding: bool = False) -> EDMDenoiser:
+def edm_unet(
+    unet_config: dict[str, Any],
+    num_classes: int | None = None,
+    sigma_data: float = 0.5,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    c_noise_scale: float = 1000.0,
+    guidance_embedding: bool = False,
+) -> EDMDenoiser:
     """An EDM-preconditioned diffusers ``UNet2DModel`` (class-conditional with a null class if ``num_classes``;
     ``guidance_embedding`` feeds ``cond.guidance_scale`` to guidance-conditioned students such as LCM)."""
     net = UNetBackbone(dict(unet_config), num_classes, c_noise_scale, guidance_embedding)
     return EDMDenoiser(net, sigma_data, sigma_min, sigma_max)
 
 
-def edm_mlp(dim: int = 2, hidden: int = 128, depth: int = 3, num_classes: int | None = None, sigma_data: float = 0.5,
-            sigma_min: float = 0.002, sigma_max: float = 80.0, guidance_embedding: bool = False) -> EDMDenoiser:
+def edm_mlp(
+    dim: int = 2,
+    hidden: int = 128,
+    depth: int = 3,
+    num_classes: int | None = None,
+    sigma_data: float = 0.5,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    guidance_embedding: bool = False,
+) -> EDMDenoiser:
     """An EDM-preconditioned residual MLP for low-dimensional toys."""
     net = MLPBackbone(dim, hidden, depth, num_classes, guidance_embedding)
     return EDMDenoiser(net, sigma_data, sigma_min, sigma_max)

@@ -88,8 +88,9 @@ def wrap_boundary_condition(generator: nn.Module, sigma_min: float) -> nn.Module
     return generator
 
 
-def trigflow_F(denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning | None, sigma_data: float,
-               **kwargs) -> Tensor:
+def trigflow_F(
+    denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning | None, sigma_data: float, **kwargs
+) -> Tensor:
     """TrigFlow output ``F(x_t / sigma_d, t)`` of an EDM-convention denoiser (Lu & Song 2024, Eq. 6).
 
     With ``x = x_t / cos t`` and ``sigma = sigma_d tan t`` (:func:`~diffdistill.conventions.trig_to_edm`), EDM's
@@ -142,8 +143,16 @@ class AffineConsistencyDenoiser(Denoiser):
     steps. ``f(x, sigma_b) = x`` (up to rounding). ``sigma_b = 0`` is the boundary of ECT and sCM.
     """
 
-    def __init__(self, dim: int = 16, a_init: float = 0.3, b_init: float = -0.2, boundary_sigma: float = 0.002,
-                 sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
+    def __init__(
+        self,
+        dim: int = 16,
+        a_init: float = 0.3,
+        b_init: float = -0.2,
+        boundary_sigma: float = 0.002,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+    ):
         super().__init__()
         self.a = nn.Parameter(torch.full((dim,), float(a_init)))
         self.b = nn.Parameter(torch.full((dim,), float(b_init)))

@@ -39,6 +39,16 @@ class Denoiser(nn.Module):
         raise NotImplementedError
 
 
+class WrapsDenoiser:
+    """Mixin for roles that hold a ``self.denoiser``: expose its noise range, classes and sample shape."""
+
+    sigma_data = property(lambda self: self.denoiser.sigma_data)
+    sigma_min = property(lambda self: self.denoiser.sigma_min)
+    sigma_max = property(lambda self: self.denoiser.sigma_max)
+    num_classes = property(lambda self: self.denoiser.num_classes)
+    sample_shape = property(lambda self: self.denoiser.sample_shape)
+
+
 class EDMDenoiser(Denoiser):
     """EDM-preconditioned wrapper around a raw network ``net(x_in, c_noise, cond) -> F``.
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from diffdistill.conventions import as_sigma
 from diffdistill.models.conditioning import Conditioning, as_conditioning
-from diffdistill.models.denoiser import Denoiser
+from diffdistill.models.denoiser import Denoiser, WrapsDenoiser
 from diffdistill.sampling import multistep_sample, tcd_sample
 
 
@@ -21,7 +21,7 @@ def trainable_copy(teacher: nn.Module) -> Denoiser:
     return copy.deepcopy(den).requires_grad_(True).train()
 
 
-class Generator(nn.Module):
+class Generator(WrapsDenoiser, nn.Module):
     """One step: ``x0 = D(sigma_init z, sigma_init, cond)``; few steps: :meth:`sample` over a sigma list.
 
     Args:
@@ -36,14 +36,10 @@ class Generator(nn.Module):
         self.sigma_init = float(sigma_init)
         self.sampling_sigmas = [float(s) for s in (sampling_sigmas or [sigma_init])]
 
-    sigma_data = property(lambda self: self.denoiser.sigma_data)
-    sigma_min = property(lambda self: self.denoiser.sigma_min)
-    sigma_max = property(lambda self: self.denoiser.sigma_max)
-    num_classes = property(lambda self: self.denoiser.num_classes)
-    sample_shape = property(lambda self: self.denoiser.sample_shape)
-
     @classmethod
-    def from_teacher(cls, teacher: nn.Module, sigma_init: float = 80.0, sampling_sigmas: list[float] | None = None) -> Generator:
+    def from_teacher(
+        cls, teacher: nn.Module, sigma_init: float = 80.0, sampling_sigmas: list[float] | None = None
+    ) -> Generator:
         """Deep-copy the teacher's denoiser (trainable) as the student's initialisation."""
         return cls(trainable_copy(teacher), sigma_init, sampling_sigmas)
 
@@ -58,8 +54,14 @@ class Generator(nn.Module):
 
         return self.denoiser(append_dims(sigma_t, z.ndim) * z, sigma_t, as_conditioning(cond))
 
-    def sample(self, z: Tensor, cond: Conditioning | None = None, sigmas: list[float] | None = None,
-               generator: torch.Generator | None = None, gamma: float | None = None) -> Tensor:
+    def sample(
+        self,
+        z: Tensor,
+        cond: Conditioning | None = None,
+        sigmas: list[float] | None = None,
+        generator: torch.Generator | None = None,
+        gamma: float | None = None,
+    ) -> Tensor:
         """Few-step sampling: consistency multistep (default) or TCD gamma sampling when ``gamma`` is set."""
         sigmas = self.sampling_sigmas if sigmas is None else [float(s) for s in sigmas]
         if gamma is not None:
@@ -67,7 +69,7 @@ class Generator(nn.Module):
         return multistep_sample(self.denoise, z, sigmas, cond, generator)
 
 
-class FakeScore(nn.Module):
+class FakeScore(WrapsDenoiser, nn.Module):
     """A trainable denoiser that tracks the generator's distribution (DMD, SiD, SIM...).
 
     Initialised from the teacher (deep copy); trained by denoising score matching on detached samples.
@@ -76,12 +78,6 @@ class FakeScore(nn.Module):
     def __init__(self, denoiser: Denoiser):
         super().__init__()
         self.denoiser = denoiser
-
-    sigma_data = property(lambda self: self.denoiser.sigma_data)
-    sigma_min = property(lambda self: self.denoiser.sigma_min)
-    sigma_max = property(lambda self: self.denoiser.sigma_max)
-    num_classes = property(lambda self: self.denoiser.num_classes)
-    sample_shape = property(lambda self: self.denoiser.sample_shape)
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module) -> FakeScore:

@@ -25,7 +25,9 @@ def build_from_config(config: dict[str, Any]) -> nn.Module:
     return instantiate(config, _convert_="all")
 
 
-def save_model(model: nn.Module, config: dict[str, Any], folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_model(
+    model: nn.Module, config: dict[str, Any], folder: str | Path, extra: dict[str, Any] | None = None
+) -> Path:
     """Write ``config.json`` + ``model.safetensors`` into ``folder`` atomically (temp dir, then rename)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,10 @@ from torch import Tensor, nn
 
 from diffdistill.conventions import as_sigma, cfg_combine
 from diffdistill.models.conditioning import Conditioning, as_conditioning
-from diffdistill.models.denoiser import Denoiser
+from diffdistill.models.denoiser import Denoiser, WrapsDenoiser
 
 
-class Teacher(nn.Module):
+class Teacher(WrapsDenoiser, nn.Module):
     """Frozen denoiser + CFG ``x0_u + w (x0_c - x0_u)`` computed in one batched forward of ``[cond; uncond]``.
 
     Parameters are frozen; inputs stay differentiable (SiD and SIM backpropagate through the teacher).
@@ -27,18 +27,16 @@ class Teacher(nn.Module):
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.guidance_scale = float(guidance_scale)
 
-    # the denoiser's attributes, so a Teacher can stand wherever a Denoiser is expected
-    sigma_data = property(lambda self: self.denoiser.sigma_data)
-    sigma_min = property(lambda self: self.denoiser.sigma_min)
-    sigma_max = property(lambda self: self.denoiser.sigma_max)
-    num_classes = property(lambda self: self.denoiser.num_classes)
-    sample_shape = property(lambda self: self.denoiser.sample_shape)
-
     def train(self, mode: bool = True) -> Teacher:  # a teacher is always in eval mode
         return super().train(False)
 
-    def forward(self, x: Tensor, sigma: Tensor | float, cond: Conditioning | None = None,
-                guidance_scale: float | Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        cond: Conditioning | None = None,
+        guidance_scale: float | Tensor | None = None,
+    ) -> Tensor:
         sigma = as_sigma(sigma, x.shape[0], x.device)
         cond = as_conditioning(cond)
         w = self.guidance_scale if guidance_scale is None else guidance_scale
@@ -69,9 +67,15 @@ class Teacher(nn.Module):
         if not p.exists() and packaged.exists():
             p = packaged
         if not p.exists():
-            avail = sorted(d.name for d in (ASSETS / "teachers").iterdir() if d.is_dir()) if (ASSETS / "teachers").exists() else []
-            raise FileNotFoundError(f"teacher '{path}' not found: give a model folder, a checkpoint file, or one of "
-                                    f"the packaged teachers {avail}")
+            avail = (
+                sorted(d.name for d in (ASSETS / "teachers").iterdir() if d.is_dir())
+                if (ASSETS / "teachers").exists()
+                else []
+            )
+            raise FileNotFoundError(
+                f"teacher '{path}' not found: give a model folder, a checkpoint file, or one of "
+                f"the packaged teachers {avail}"
+            )
         if p.is_file():
             from diffdistill.training.checkpoint import load_checkpoint
 

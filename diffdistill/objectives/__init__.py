@@ -15,5 +15,18 @@ from diffdistill.objectives.ect import ECT, ICT
 from diffdistill.objectives.lcm import LCM
 from diffdistill.objectives.scm import SCM
 
-__all__ = ["DMD", "ECT", "ICT", "LCM", "OBJECTIVES", "SCM", "ConsistencyDistillation", "LossOutput", "Objective",
-           "Paper", "PassCount", "UpdateSchedule", "register_objective"]
+__all__ = [
+    "DMD",
+    "ECT",
+    "ICT",
+    "LCM",
+    "OBJECTIVES",
+    "SCM",
+    "ConsistencyDistillation",
+    "LossOutput",
+    "Objective",
+    "Paper",
+    "PassCount",
+    "UpdateSchedule",
+    "register_objective",
+]

@@ -21,10 +21,10 @@ def add_noise(x0: Tensor, sigma: Tensor, noise: Tensor | None = None) -> tuple[T
 
 
 def gradient_injection_loss(x: Tensor, grad: Tensor) -> Tensor:
-    """Surrogate ``1/2 mean((x - sg(x - g))^2)`` per sample whose gradient w.r.t. ``x`` is ``g / numel`` (losses.md §1.4).
+    """Surrogate ``1/2 mean((x - sg(x - g))^2)`` whose gradient w.r.t. ``x`` is ``g / numel`` (losses.md §1.4).
 
-    Returned per sample as ``1/2 sum_elements(...) / numel_total * B`` so that the trainer's batch mean
-    reproduces DMD2's global mean exactly.
+    Returned per sample (mean over the sample's elements), so the trainer's batch mean reproduces DMD2's
+    global mean exactly.
     """
     target = (x - grad).detach()
     return 0.5 * per_sample_mean((x - target) ** 2)
@@ -51,7 +51,7 @@ def karras_index_sigmas(sigmas_ascending: Tensor, batch: int, k_min: int, k_max:
 
 
 def pseudo_huber(diff: Tensor, c: float) -> Tensor:
-    """Pseudo-Huber on the flattened per-sample norm: ``sqrt(||d||^2 + c^2) - c`` (iCT, Song & Dhariwal 2023, Eq. 10)."""
+    """Pseudo-Huber on the flattened per-sample norm ``sqrt(||d||^2 + c^2) - c`` (Song & Dhariwal 2023, Eq. 10)."""
     return (diff.flatten(1).pow(2).sum(1) + c**2).sqrt() - c
 
 

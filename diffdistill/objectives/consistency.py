@@ -69,16 +69,19 @@ def build_lpips(net: str = "vgg", weights: str | None = None) -> nn.Module:
     import lpips
 
     if weights is None:
-        raise ValueError("distance='lpips' needs `lpips_weights`: the path of an lpips.LPIPS state_dict "
-                         "(trunk + linear layers; diffdistill never downloads weights) or 'random' for tests")
+        raise ValueError(
+            "distance='lpips' needs `lpips_weights`: the path of an lpips.LPIPS state_dict "
+            "(trunk + linear layers; diffdistill never downloads weights) or 'random' for tests"
+        )
     metric = lpips.LPIPS(pretrained=False, net=net, pnet_rand=True, verbose=False)
     if weights != "random":
         metric.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return metric.eval().requires_grad_(False)
 
 
-def consistency_distance(x: Tensor, y: Tensor, kind: str, huber_c: float | None = None,
-                         lpips_fn: nn.Module | None = None) -> Tensor:
+def consistency_distance(
+    x: Tensor, y: Tensor, kind: str, huber_c: float | None = None, lpips_fn: nn.Module | None = None
+) -> Tensor:
     """Per-sample distance ``d(x, y)`` of the consistency family, shape ``[B]``.
 
     ``l2``: mean over elements of the squared error; ``l1``: mean absolute error; ``pseudo_huber``:
@@ -182,11 +185,24 @@ class ConsistencyDistillation(Objective):
     frozen_roles = ("target_generator",)
     requires_real_data = True
 
-    def __init__(self, teacher: nn.Module, generator: nn.Module, target_generator: nn.Module | None = None,
-                 num_scales: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                 target_ema: float = 0.95, distance: str = "lpips", huber_c: float | None = None,
-                 weighting: str = "uniform", guidance_scale: float | None = None, lpips_net: str = "vgg",
-                 lpips_weights: str | None = None, boundary_condition: bool = True):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        generator: nn.Module,
+        target_generator: nn.Module | None = None,
+        num_scales: int = 18,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        target_ema: float = 0.95,
+        distance: str = "lpips",
+        huber_c: float | None = None,
+        weighting: str = "uniform",
+        guidance_scale: float | None = None,
+        lpips_net: str = "vgg",
+        lpips_weights: str | None = None,
+        boundary_condition: bool = True,
+    ):
         if num_scales < 2:
             raise ValueError(f"num_scales must be >= 2, got {num_scales}")
         if not 0.0 <= target_ema < 1.0:
@@ -259,4 +275,3 @@ class ConsistencyDistillation(Objective):
     def pass_count(self) -> PassCount:
         # student fwd+bwd, target fwd, two teacher forwards (Heun), each doubled by CFG
         return PassCount(forward=2.0 * self._cfg_factor() + 1.0, forward_grad=1.0, backward=1.0)
-

@@ -64,17 +64,29 @@ class DMD(Objective):
     paper = Paper("One-step Diffusion with Distribution Matching Distillation", "2311.18828", "Yin et al.", 2024)
     roles = ("generator", "fake_score")
 
-    def __init__(self, teacher, generator, fake_score, schedule: KarrasSchedule | None = None,
-                 min_step_percent: float = 0.02, max_step_percent: float = 0.98,
-                 real_guidance_scale: float | None = None, fake_weighting: str = "edm",
-                 critic_steps_per_generator_step: int = 1, generator_warmup_steps: int = 0, normalize: bool = True):
+    def __init__(
+        self,
+        teacher,
+        generator,
+        fake_score,
+        schedule: KarrasSchedule | None = None,
+        min_step_percent: float = 0.02,
+        max_step_percent: float = 0.98,
+        real_guidance_scale: float | None = None,
+        fake_weighting: str = "edm",
+        critic_steps_per_generator_step: int = 1,
+        generator_warmup_steps: int = 0,
+        normalize: bool = True,
+    ):
         self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
         self.schedule = schedule or KarrasSchedule(teacher.sigma_min, teacher.sigma_max)
         self.sigmas = self.schedule.sigmas(ascending=True)  # sigma_0 = sigma_min ... sigma_{T-1} = sigma_max
         T = len(self.sigmas)
         self.k_min, self.k_max = int(min_step_percent * T), int(max_step_percent * T)
         if not 0 <= self.k_min <= self.k_max < T:
-            raise ValueError(f"need 0 <= min_step_percent <= max_step_percent < 1, got {min_step_percent}, {max_step_percent}")
+            raise ValueError(
+                f"need 0 <= min_step_percent <= max_step_percent < 1, got {min_step_percent}, {max_step_percent}"
+            )
         self.real_guidance_scale = real_guidance_scale
         self.fake_weighting, self.normalize = fake_weighting, normalize
         self.update_schedule = UpdateSchedule(critic_steps_per_generator_step, generator_warmup_steps)
@@ -101,8 +113,9 @@ class DMD(Objective):
         self._cache = (x.detach(), cond)
         # (losses.md §1.4) inject g through the surrogate MSE
         loss = gradient_injection_loss(x, g)
-        return LossOutput(loss, {"dm_grad_norm": float(g.flatten(1).norm(dim=1).mean()),
-                                 "dm_sigma_mean": float(sigma.mean())})
+        return LossOutput(
+            loss, {"dm_grad_norm": float(g.flatten(1).norm(dim=1).mean()), "dm_sigma_mean": float(sigma.mean())}
+        )
 
     def critic_loss(self, batch: Batch, step: int) -> LossOutput:
         if self._cache is not None and self._cache[0].shape[0] == batch.batch_size:
@@ -123,5 +136,8 @@ class DMD(Objective):
         gen = PassCount(forward=cfg + 1.0, forward_grad=1.0, backward=1.0)
         # critic step (every iteration): fake fwd+bwd (+ a no-grad G forward when the cache is empty)
         crit_fwd = 0.0 if r == 1 else 1.0
-        return PassCount(forward=gen.forward / r + crit_fwd * (r - 1) / r, forward_grad=gen.forward_grad / r + 1.0,
-                         backward=gen.backward / r + 1.0)
+        return PassCount(
+            forward=gen.forward / r + crit_fwd * (r - 1) / r,
+            forward_grad=gen.forward_grad / r + 1.0,
+            backward=gen.backward / r + 1.0,
+        )

@@ -93,10 +93,21 @@ class ICT(Objective):
     roles = ("generator",)
     requires_real_data = True
 
-    def __init__(self, generator: nn.Module, teacher: nn.Module | None = None, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0, rho: float = 7.0, s0: int = 10, s1: int = 1280, total_steps: int = 400_000,
-                 P_mean: float = -1.1, P_std: float = 2.0, huber_c: float | None = None,
-                 boundary_condition: bool = True):
+    def __init__(
+        self,
+        generator: nn.Module,
+        teacher: nn.Module | None = None,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        s0: int = 10,
+        s1: int = 1280,
+        total_steps: int = 400_000,
+        P_mean: float = -1.1,
+        P_std: float = 2.0,
+        huber_c: float | None = None,
+        boundary_condition: bool = True,
+    ):
         self.generator, self.teacher = generator, teacher
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.s0, self.s1, self.total_steps = int(s0), int(s1), int(total_steps)
@@ -156,9 +167,20 @@ class ECT(Objective):
     roles = ("generator",)
     requires_real_data = True
 
-    def __init__(self, generator: nn.Module, teacher: nn.Module | None = None, P_mean: float = -1.1,
-                 P_std: float = 2.0, q: float = 2.0, k: float = 8.0, b: float = 1.0, mapping: str = "sigmoid",
-                 double_every: int = 25_000, huber_c: float = 0.0, weighting: str = "ect"):
+    def __init__(
+        self,
+        generator: nn.Module,
+        teacher: nn.Module | None = None,
+        P_mean: float = -1.1,
+        P_std: float = 2.0,
+        q: float = 2.0,
+        k: float = 8.0,
+        b: float = 1.0,
+        mapping: str = "sigmoid",
+        double_every: int = 25_000,
+        huber_c: float = 0.0,
+        weighting: str = "ect",
+    ):
         if weighting not in ("ect", "karras"):
             raise ValueError(f"unknown weighting '{weighting}' (use 'ect' or 'karras')")
         ect_r(torch.ones(1), 0, q, k, b, mapping)  # validates the mapping
@@ -192,8 +214,14 @@ class ECT(Objective):
         else:
             sd = self.generator.sigma_data
             loss = dist * (t**2 + sd**2) / (t * sd) ** 2
-        return LossOutput(loss, {"distance": float(dist.detach().mean()), "stage": float(self.stage(step)),
-                                 "clean_target_frac": float((r <= 0).float().mean())})
+        return LossOutput(
+            loss,
+            {
+                "distance": float(dist.detach().mean()),
+                "stage": float(self.stage(step)),
+                "clean_target_frac": float((r <= 0).float().mean()),
+            },
+        )
 
     def pass_count(self) -> PassCount:
         return PassCount(forward=1.0, forward_grad=1.0, backward=1.0)

@@ -55,15 +55,35 @@ class LCM(ConsistencyDistillation):
     """
 
     name = "lcm"
-    paper = Paper("Latent Consistency Models: Synthesizing High-Resolution Images with Few-Step Inference",
-                  "2310.04378", "Luo, Tan, Huang, Li, Zhao", 2023)
+    paper = Paper(
+        "Latent Consistency Models: Synthesizing High-Resolution Images with Few-Step Inference",
+        "2310.04378",
+        "Luo, Tan, Huang, Li, Zhao",
+        2023,
+    )
 
-    def __init__(self, teacher: nn.Module, generator: nn.Module, target_generator: nn.Module | None = None,
-                 schedule=None, num_scales: int = 1000, skipping_step: int = 20, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0, rho: float = 7.0, w_min: float = 3.0, w_max: float = 15.0,
-                 solver: str = "ddim", target_ema: float = 0.95, distance: str = "l2", huber_c: float | None = None,
-                 lpips_net: str = "vgg", lpips_weights: str | None = None, embed_guidance: bool = True,
-                 boundary_condition: bool = True):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        generator: nn.Module,
+        target_generator: nn.Module | None = None,
+        schedule=None,
+        num_scales: int = 1000,
+        skipping_step: int = 20,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        w_min: float = 3.0,
+        w_max: float = 15.0,
+        solver: str = "ddim",
+        target_ema: float = 0.95,
+        distance: str = "l2",
+        huber_c: float | None = None,
+        lpips_net: str = "vgg",
+        lpips_weights: str | None = None,
+        embed_guidance: bool = True,
+        boundary_condition: bool = True,
+    ):
         if solver not in ("ddim", "heun"):
             raise ValueError(f"unknown solver '{solver}' (use 'ddim' or 'heun')")
         if not w_min <= w_max:
@@ -82,10 +102,23 @@ class LCM(ConsistencyDistillation):
             if target_generator is not None:
                 enable_guidance_embedding(target_generator)
         boundary = float(sigmas_asc[0])
-        super().__init__(teacher, generator, target_generator, num_scales=len(sigmas_asc), sigma_min=boundary,
-                         sigma_max=float(sigmas_asc[-1]), rho=rho, target_ema=target_ema, distance=distance,
-                         huber_c=huber_c, weighting="uniform", guidance_scale=None, lpips_net=lpips_net,
-                         lpips_weights=lpips_weights, boundary_condition=boundary_condition)
+        super().__init__(
+            teacher,
+            generator,
+            target_generator,
+            num_scales=len(sigmas_asc),
+            sigma_min=boundary,
+            sigma_max=float(sigmas_asc[-1]),
+            rho=rho,
+            target_ema=target_ema,
+            distance=distance,
+            huber_c=huber_c,
+            weighting="uniform",
+            guidance_scale=None,
+            lpips_net=lpips_net,
+            lpips_weights=lpips_weights,
+            boundary_condition=boundary_condition,
+        )
         if target_generator is not None:
             self.target_generator.load_state_dict(self.generator.state_dict())
         self.sigmas_asc, self.skipping_step = sigmas_asc, int(skipping_step)

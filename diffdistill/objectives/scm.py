@@ -48,8 +48,9 @@ def _math_sdpa():
         return contextlib.nullcontext()
 
 
-def trigflow_jvp(fn, x_t: Tensor, t: Tensor, dxdt: Tensor, backend: str = "autograd",
-                 fd_step: float = 1e-3) -> tuple[Tensor, Tensor]:
+def trigflow_jvp(
+    fn, x_t: Tensor, t: Tensor, dxdt: Tensor, backend: str = "autograd", fd_step: float = 1e-3
+) -> tuple[Tensor, Tensor]:
     """``(F(x_t, t), cos t sin t dF/dt)`` for ``F = fn(x_t, t)`` along the ODE direction ``dxdt``.
 
     The tangents are ``(cos t sin t dx_t/dt, cos t sin t)`` on ``(x_t, t)`` (equivalently ``/ sigma_d`` on
@@ -69,12 +70,13 @@ def trigflow_jvp(fn, x_t: Tensor, t: Tensor, dxdt: Tensor, backend: str = "autog
     raise ValueError(f"unknown jvp_backend '{backend}' (one of {JVP_BACKENDS})")
 
 
-def scm_tangent(x_t: Tensor, t: Tensor, dxdt: Tensor, F_minus: Tensor, dFdt_cs: Tensor, sigma_data: float,
-                warmup: float = 1.0) -> Tensor:
+def scm_tangent(
+    x_t: Tensor, t: Tensor, dxdt: Tensor, F_minus: Tensor, dFdt_cs: Tensor, sigma_data: float, warmup: float = 1.0
+) -> Tensor:
     """sCM's target direction ``g = -cos^2 t (sigma_d F- - dx/dt) - r (cos t sin t x_t + sigma_d cos t sin t dF-/dt)``
     (Eq. 8 with tangent warm-up ``r``); ``dFdt_cs`` is ``cos t sin t dF-/dt``. ``g = cos t df-/dt`` at ``r = 1``."""
     c, s = torch.cos(append_dims(t, x_t.ndim)), torch.sin(append_dims(t, x_t.ndim))
-    return -c**2 * (sigma_data * F_minus - dxdt) - warmup * (c * s * x_t + sigma_data * dFdt_cs)
+    return -(c**2) * (sigma_data * F_minus - dxdt) - warmup * (c * s * x_t + sigma_data * dFdt_cs)
 
 
 def normalize_tangent(g: Tensor, c: float = 0.1, norm: str = "l2") -> Tensor:
@@ -108,15 +110,28 @@ class SCM(Objective):
     """
 
     name = "scm"
-    paper = Paper("Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", "2410.11081",
-                  "Lu, Song", 2024)
+    paper = Paper(
+        "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", "2410.11081", "Lu, Song", 2024
+    )
     roles = ("generator",)
     requires_real_data = True
 
-    def __init__(self, teacher: nn.Module | None, generator: nn.Module, mode: str = "scd", P_mean: float = -1.0,
-                 P_std: float = 1.4, guidance_scale: float | None = None, jvp_backend: str = "autograd",
-                 fd_step: float = 1e-3, tangent_warmup_steps: int = 10_000, tangent_norm_c: float = 0.1,
-                 tangent_norm: str = "l2", adaptive_weighting: bool = True, adaptive_weight_channels: int = 128):
+    def __init__(
+        self,
+        teacher: nn.Module | None,
+        generator: nn.Module,
+        mode: str = "scd",
+        P_mean: float = -1.0,
+        P_std: float = 1.4,
+        guidance_scale: float | None = None,
+        jvp_backend: str = "autograd",
+        fd_step: float = 1e-3,
+        tangent_warmup_steps: int = 10_000,
+        tangent_norm_c: float = 0.1,
+        tangent_norm: str = "l2",
+        adaptive_weighting: bool = True,
+        adaptive_weight_channels: int = 128,
+    ):
         if mode not in ("scd", "sct"):
             raise ValueError(f"unknown mode '{mode}' (use 'scd' or 'sct')")
         if mode == "scd" and teacher is None:

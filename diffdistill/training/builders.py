@@ -92,8 +92,9 @@ def build_roles(objective_cls: type[Objective], teacher: Teacher, student: DictC
     return roles
 
 
-def make_objective(node: DictConfig, objective_cls: type[Objective], teacher: Teacher, roles: dict[str, nn.Module],
-                    schedule=None) -> Objective:
+def make_objective(
+    node: DictConfig, objective_cls: type[Objective], teacher: Teacher, roles: dict[str, nn.Module], schedule=None
+) -> Objective:
     factory = _instantiate(node, f"objective '{objective_cls.name}'")
     params = inspect.signature(objective_cls.__init__).parameters
     kw: dict[str, Any] = {"teacher": teacher}
@@ -135,8 +136,17 @@ def build_trainer(cfg: DictConfig, evaluator=None):
         raise ValueError("trainer group must build a TrainerConfig")
     optim = _instantiate(cfg.optim, "optimizer (optim group)")
     roles = dict(exp.roles)
-    return DistillTrainer(exp.objective, roles, exp.teacher, exp.dataset, cfg.run_dir, tcfg, optim, evaluator,
-                          OmegaConf.to_container(cfg, resolve=True))
+    return DistillTrainer(
+        exp.objective,
+        roles,
+        exp.teacher,
+        exp.dataset,
+        cfg.run_dir,
+        tcfg,
+        optim,
+        evaluator,
+        OmegaConf.to_container(cfg, resolve=True),
+    )
 
 
 def build_evaluator(cfg: DictConfig):

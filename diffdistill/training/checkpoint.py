@@ -38,16 +38,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise ValueError(f"checkpoint '{path}' is corrupt or truncated ({type(e).__name__}: {e}); "
-                         "resume from an earlier checkpoint in the same folder") from e
+        raise ValueError(
+            f"checkpoint '{path}' is corrupt or truncated ({type(e).__name__}: {e}); "
+            "resume from an earlier checkpoint in the same folder"
+        ) from e
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"'{path}' is not a diffdistill checkpoint (no 'step' entry)")
     return state
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

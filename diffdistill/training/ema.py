@@ -17,8 +17,9 @@ class EMA:
         warmup_steps: use ``min(beta, (1 + step) / (10 + step))`` while ``step < warmup_steps``.
     """
 
-    def __init__(self, model: nn.Module, decay: float | None = 0.999, half_life_steps: float | None = None,
-                 warmup_steps: int = 0):
+    def __init__(
+        self, model: nn.Module, decay: float | None = 0.999, half_life_steps: float | None = None, warmup_steps: int = 0
+    ):
         if half_life_steps is not None:
             decay = 0.5 ** (1.0 / half_life_steps)
         if decay is None or not 0.0 <= decay < 1.0:

@@ -45,15 +45,34 @@ def drop_labels(cond: Conditioning, p: float, null_class: int | None) -> Conditi
     if p <= 0 or cond.class_labels is None or null_class is None:
         return cond
     drop = torch.rand(cond.class_labels.shape[0], device=cond.class_labels.device) < p
-    return Conditioning(class_labels=torch.where(drop, torch.full_like(cond.class_labels, null_class), cond.class_labels))
+    return Conditioning(
+        class_labels=torch.where(drop, torch.full_like(cond.class_labels, null_class), cond.class_labels)
+    )
 
 
-def train_teacher(model_config: dict[str, Any], dataset, out_dir: str | Path, steps: int = 5000, batch_size: int = 64,
-                  lr: float = 1e-3, warmup_steps: int = 200, ema_decay: float = 0.998, label_dropout: float = 0.1,
-                  P_mean: float = -1.2, P_std: float = 1.2, grad_clip: float = 1.0, seed: int = 0,
-                  checkpoint_every: int = 500, sample_every: int = 500, sample_steps: int = 18,
-                  sample_guidance: float = 2.0, export_dir: str | Path | None = None, resume: bool = True,
-                  num_threads: int | None = None, command: str | None = None) -> Path:
+def train_teacher(
+    model_config: dict[str, Any],
+    dataset,
+    out_dir: str | Path,
+    steps: int = 5000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    warmup_steps: int = 200,
+    ema_decay: float = 0.998,
+    label_dropout: float = 0.1,
+    P_mean: float = -1.2,
+    P_std: float = 1.2,
+    grad_clip: float = 1.0,
+    seed: int = 0,
+    checkpoint_every: int = 500,
+    sample_every: int = 500,
+    sample_steps: int = 18,
+    sample_guidance: float = 2.0,
+    export_dir: str | Path | None = None,
+    resume: bool = True,
+    num_threads: int | None = None,
+    command: str | None = None,
+) -> Path:
     """Train a teacher denoiser with the EDM loss; exports the EMA weights as a model folder.
 
     Returns the exported folder (``export_dir`` or ``<out_dir>/model``).
@@ -89,15 +108,35 @@ def train_teacher(model_config: dict[str, Any], dataset, out_dir: str | Path, st
     n_cls = null_class or 1
     grid_labels = torch.arange(64) % n_cls if null_class else None
     grid_z = torch.randn(64, *model.sample_shape, generator=gen)
-    meta = {"model_config": dict(model_config), "dataset": getattr(dataset, "name", "?"), "steps": steps,
-            "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "label_dropout": label_dropout,
-            "P_mean": P_mean, "P_std": P_std, "seed": seed, "command": command}
+    meta = {
+        "model_config": dict(model_config),
+        "dataset": getattr(dataset, "name", "?"),
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "ema_decay": ema_decay,
+        "label_dropout": label_dropout,
+        "P_mean": P_mean,
+        "P_std": P_std,
+        "seed": seed,
+        "command": command,
+    }
     (out_dir / "teacher_config.json").write_text(json.dumps(meta, indent=2))
 
     def checkpoint(s: int) -> None:
-        atomic_save({"step": s, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "data": batcher.state_dict(), "rng": rng_state(),
-                     "model_config": dict(model_config)}, ckpt_path)
+        atomic_save(
+            {
+                "step": s,
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "data": batcher.state_dict(),
+                "rng": rng_state(),
+                "model_config": dict(model_config),
+            },
+            ckpt_path,
+        )
         save_model(ema.module, dict(model_config), export_dir, extra={**meta, "trained_steps": s})
 
     def samples(s: int) -> None:
@@ -129,8 +168,10 @@ def train_teacher(model_config: dict[str, Any], dataset, out_dir: str | Path, st
         bar.update(1)
         bar.set_postfix(loss=f"{ema_loss:.4f}")
         if step % 25 == 0:
-            logger.log(step, {"loss": loss.item(), "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
-                              "sec": time.time() - t0})
+            logger.log(
+                step,
+                {"loss": loss.item(), "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0], "sec": time.time() - t0},
+            )
         if step % checkpoint_every == 0 or step == steps:
             checkpoint(step)
         if step % sample_every == 0 or step == steps:

@@ -97,9 +97,18 @@ class DistillTrainer:
         run_config: the resolved run config, saved in each checkpoint.
     """
 
-    def __init__(self, objective: Objective, roles: dict[str, nn.Module], teacher: nn.Module, dataset,
-                 run_dir: str | Path, config: TrainerConfig | None = None, optim: OptimizerSpec | None = None,
-                 evaluator=None, run_config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        objective: Objective,
+        roles: dict[str, nn.Module],
+        teacher: nn.Module,
+        dataset,
+        run_dir: str | Path,
+        config: TrainerConfig | None = None,
+        optim: OptimizerSpec | None = None,
+        evaluator=None,
+        run_config: dict[str, Any] | None = None,
+    ):
         from accelerate import Accelerator
 
         self.cfg = config or TrainerConfig()
@@ -209,7 +218,8 @@ class DistillTrainer:
             if existing:
                 raise FileExistsError(
                     f"run folder '{self.run_dir}' already holds checkpoints; pass trainer.resume=auto to continue it "
-                    "or choose another run_dir (nothing was overwritten)")
+                    "or choose another run_dir (nothing was overwritten)"
+                )
             return None
         if r == "auto":
             last = self.ckpt_dir / "last.pt"
@@ -258,13 +268,19 @@ class DistillTrainer:
         self.nonfinite["skipped"] += 1
         self.nonfinite[f"streak_{kind}"] += 1
         streak = self.nonfinite[f"streak_{kind}"]
-        log.warning("step %d: %s, update of %s skipped (%d skipped so far)", self.step, why, list(names),
-                    self.nonfinite["skipped"])
+        log.warning(
+            "step %d: %s, update of %s skipped (%d skipped so far)",
+            self.step,
+            why,
+            list(names),
+            self.nonfinite["skipped"],
+        )
         if streak >= self.cfg.max_nonfinite_streak:
             raise NonFiniteError(
                 f"{streak} consecutive non-finite {kind} updates at step {self.step} ({why}); the run is "
                 "diverging. Lower the learning rate or check the teacher; the last good checkpoint is in "
-                f"{self.ckpt_dir}")
+                f"{self.ckpt_dir}"
+            )
         return {**logs, "skipped": 1.0}
 
     def train_step(self) -> dict[str, float]:
@@ -273,7 +289,9 @@ class DistillTrainer:
         sched = self.objective.update_schedule
         if sched.is_generator_step(self.step):
             self._set_trainable(self.generator_roles)
-            logs.update(self._update(self.generator_roles, self.objective.generator_loss(batch, self.step), "generator"))
+            logs.update(
+                self._update(self.generator_roles, self.objective.generator_loss(batch, self.step), "generator")
+            )
             for ema in self.emas.values():
                 ema.update(self.accelerator.unwrap_model(self.roles["generator"]))
         if self.critic_roles:
@@ -307,8 +325,9 @@ class DistillTrainer:
             if teacher_path.exists():
                 teacher = torch.load(teacher_path).to(self.device)
             else:
-                sig = karras_sigmas(self.cfg.teacher_sample_steps, self.teacher.sigma_min, self.teacher.sigma_max,
-                                    append_zero=True)
+                sig = karras_sigmas(
+                    self.cfg.teacher_sample_steps, self.teacher.sigma_min, self.teacher.sigma_max, append_zero=True
+                )
                 teacher = heun_sample(self.teacher, z * sig[0], sig, cond)
                 teacher_path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(teacher.cpu(), teacher_path)
@@ -358,8 +377,13 @@ class DistillTrainer:
             logger.truncate_after(self.step)
             log.info("resumed from %s at step %d", resume, self.step)
         last: dict[str, float] = {}
-        bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=f"{self.objective.name}", dynamic_ncols=True,
-                   mininterval=2)
+        bar = tqdm(
+            total=self.cfg.max_steps,
+            initial=self.step,
+            desc=f"{self.objective.name}",
+            dynamic_ncols=True,
+            mininterval=2,
+        )
         t0 = time.time()
         try:
             while self.step < self.cfg.max_steps:
@@ -373,8 +397,11 @@ class DistillTrainer:
                     last = logs
                 if c.sample_every and (self.step % c.sample_every == 0 or self.step == c.max_steps):
                     logger.log(self.step, self.sample_grid(), kind="samples")
-                if self.evaluator is not None and c.eval_every and (self.step % c.eval_every == 0
-                                                                    or self.step == c.max_steps):
+                if (
+                    self.evaluator is not None
+                    and c.eval_every
+                    and (self.step % c.eval_every == 0 or self.step == c.max_steps)
+                ):
                     with torch.random.fork_rng():
                         metrics = self.evaluator(self.ema_generator(), self.step)
                     logger.log(self.step, metrics, kind="eval")

@@ -33,8 +33,9 @@ def save_side_by_side(panels: list[Tensor], path: str | Path, nrow: int = 8, gap
 
     from torchvision.utils import make_grid, save_image
 
-    grids = [make_grid((p.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
-             for p in panels]
+    grids = [
+        make_grid((p.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0) for p in panels
+    ]
     sep = torch.ones(grids[0].shape[0], grids[0].shape[1], gap)
     parts = [t for g in grids for t in (g, sep)][:-1]
     path = Path(path)

@@ -55,7 +55,11 @@ def test_truncated_idx_file(tmp_path):
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "diffdistill.cli.train", "backbone.path=/no/teacher",
-                           f"run_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffdistill.cli.train", "backbone.path=/no/teacher", f"run_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "diffdistill: error:" in proc.stderr and "/no/teacher" in proc.stderr

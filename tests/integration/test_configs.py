@@ -48,8 +48,12 @@ def test_every_group_option_composes_and_instantiates(group, option):
     assert obj is not None
 
 
-@pytest.mark.parametrize("exp", sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix(""))
-                                       for p in (CONFIGS / "experiment").rglob("*.yaml")))
+@pytest.mark.parametrize(
+    "exp",
+    sorted(
+        str(p.relative_to(CONFIGS / "experiment").with_suffix("")) for p in (CONFIGS / "experiment").rglob("*.yaml")
+    ),
+)
 def test_every_experiment_composes(exp):
     cfg = compose_train([f"experiment={exp}"])
     assert cfg.objective._target_.startswith("diffdistill.objectives.")
@@ -89,8 +93,7 @@ def test_every_objective_trains_end_to_end_on_tiny_unet(objective, tmp_path):
 
     from diffdistill.cli.train import run
 
-    cfg = compose_train([*TINY, f"objective={objective}", f"run_dir={tmp_path}",
-                         *SMOKE_OVERRIDES.get(objective, [])])
+    cfg = compose_train([*TINY, f"objective={objective}", f"run_dir={tmp_path}", *SMOKE_OVERRIDES.get(objective, [])])
     run(cfg)
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [v for r in recs if r["kind"] == "train" for k, v in r.items() if k.endswith("_loss")]

@@ -29,8 +29,17 @@ def test_dmd_toy_run_reaches_true_distribution(tmp_path):
 
 
 def _toy(tmp_path, steps, extra=(), base=("experiment=toy/dmd",)):
-    return compose_train([*base, f"run_dir={tmp_path}", "trainer.device=cpu", f"trainer.max_steps={steps}",
-                          "trainer.checkpoint_every=5", "trainer.log_every=1", *extra])
+    return compose_train(
+        [
+            *base,
+            f"run_dir={tmp_path}",
+            "trainer.device=cpu",
+            f"trainer.max_steps={steps}",
+            "trainer.checkpoint_every=5",
+            "trainer.log_every=1",
+            *extra,
+        ]
+    )
 
 
 def _state_equal(a, b):

@@ -117,9 +117,11 @@ def test_unknown_extractor():
 
 
 # ------------------------------------------------------------------------------------------- CLIP
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
-                                             "patch_size": 8},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +147,16 @@ def test_clip_score_equals_hand_computation(tiny_clip_ckpt, no_cleanfid_dir, no_
 
     images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)  # grayscale, needs resize to 32
     prompts = ["a photo of a shoe.", "a photo of a bag.", "a photo of a shirt."]
-    ev = Evaluator(extractor="random_cnn", reference=None, num_images=6, metrics=["clip_score"], clip="clip_tinyclip",
-                   clip_kwargs={"checkpoint": str(tiny_clip_ckpt)}, prompts=prompts, batch_size=4)
+    ev = Evaluator(
+        extractor="random_cnn",
+        reference=None,
+        num_images=6,
+        metrics=["clip_score"],
+        clip="clip_tinyclip",
+        clip_kwargs={"checkpoint": str(tiny_clip_ckpt)},
+        prompts=prompts,
+        batch_size=4,
+    )
     got = ev.score_images(images)
     assert ev.clip.weights_sha256 == E.sha256_file(tiny_clip_ckpt)
     # by hand: bicubic resize 28 -> 32 (float, per channel), CLIP normalise, encode, cosine, clamp per sample
@@ -155,8 +165,10 @@ def test_clip_score_equals_hand_computation(tiny_clip_ckpt, no_cleanfid_dir, no_
 
     rows = []
     for im in images:
-        ch = [np.asarray(Image.fromarray(im[0].numpy().astype(np.float32), mode="F").resize((32, 32), Image.BICUBIC))
-              for _ in range(3)]
+        ch = [
+            np.asarray(Image.fromarray(im[0].numpy().astype(np.float32), mode="F").resize((32, 32), Image.BICUBIC))
+            for _ in range(3)
+        ]
         rows.append(torch.from_numpy(np.stack(ch)).clamp(0, 255) / 255.0)
     x = torch.stack(rows)
     mean, std = torch.tensor(E.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(E.CLIP_STD).view(1, 3, 1, 1)

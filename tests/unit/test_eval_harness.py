@@ -27,9 +27,16 @@ def _reference(n: int = 96, name: str = "toy-test-16") -> ImageTensorDataset:
 
 
 def _evaluator(ref, **kw) -> Evaluator:
-    args = dict(extractor="random_cnn", reference=ref, num_images=64, metrics=["fid", "kid", "precision_recall"],
-                batch_size=32, extractor_kwargs={"input_size": 16, "feature_dim": 16}, kid_subsets=10,
-                kid_subset_size=64)
+    args = dict(
+        extractor="random_cnn",
+        reference=ref,
+        num_images=64,
+        metrics=["fid", "kid", "precision_recall"],
+        batch_size=32,
+        extractor_kwargs={"input_size": 16, "feature_dim": 16},
+        kid_subsets=10,
+        kid_subset_size=64,
+    )
     return Evaluator(**{**args, **kw})
 
 
@@ -68,8 +75,9 @@ def test_results_json_and_plot(tmp_path):
     ev = _evaluator(_reference())
     out = tmp_path / "res.json"
     for step, mean in ((100, 0.5), (200, 0.2), (300, 0.0)):
-        write_results(out, ev.protocol(), [ev.record(ev(_gen(mean=mean), step), step=step, checkpoint=f"s{step}.pt",
-                                                     ema="0.999")])
+        write_results(
+            out, ev.protocol(), [ev.record(ev(_gen(mean=mean), step), step=step, checkpoint=f"s{step}.pt", ema="0.999")]
+        )
     doc = read_results(out)
     assert [r["step"] for r in doc["results"]] == [100, 200, 300]
     assert doc["protocol"]["extractor"]["weights_sha256"] is None and doc["results"][0]["ema"] == "0.999"
@@ -127,13 +135,20 @@ def test_cli_run_dir(tmp_path, monkeypatch, no_network):
 
     import types
 
-    monkeypatch.setitem(__import__("sys").modules, "diffdistill.training.trainer",
-                        types.SimpleNamespace(load_generator=fake_load_generator))
+    monkeypatch.setitem(
+        __import__("sys").modules,
+        "diffdistill.training.trainer",
+        types.SimpleNamespace(load_generator=fake_load_generator),
+    )
     from omegaconf import OmegaConf
 
     cfg = cli.compose(["eval=random_cnn", f"run_dir={run}", "ema=null", "eval.num_images=48"])
-    OmegaConf.update(cfg, "eval.reference", {"_target_": "diffdistill.data.ImageFolder", "root": str(real),
-                                             "resolution": 16, "channels": 1}, merge=False)
+    OmegaConf.update(
+        cfg,
+        "eval.reference",
+        {"_target_": "diffdistill.data.ImageFolder", "root": str(real), "resolution": 16, "channels": 1},
+        merge=False,
+    )
     out = cli.evaluate(cfg)
     assert out == run / "eval" / f"{build_extractor('random_cnn', seed=0, input_size=32, feature_dim=32).id}.json"
     doc = json.loads(out.read_text())

@@ -10,9 +10,16 @@ from diffdistill.models.io import load_model, save_model
 from diffdistill.sampling import heun_sample, multistep_sample, tcd_sample
 from diffdistill.schedules import karras_sigmas
 
-TINY_UNET = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16],
-             "layers_per_block": 1, "down_block_types": ["DownBlock2D", "DownBlock2D"],
-             "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4}
+TINY_UNET = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 4,
+}
 
 
 def tiny_unet(num_classes=10):

@@ -178,8 +178,9 @@ def test_pseudo_huber_on_flattened_norm():
     d = torch.zeros(2, 4, 4)
     d[:, 0, 0], d[:, 1, 2] = c * 0.6, c * 0.8  # ||d|| = c
     assert torch.allclose(_norm_distance(d, c), torch.full((2,), (math.sqrt(2) - 1) * c))
-    assert torch.allclose(consistency_distance(d, torch.zeros_like(d), "pseudo_huber", c),
-                          torch.full((2,), (math.sqrt(2) - 1) * c))
+    assert torch.allclose(
+        consistency_distance(d, torch.zeros_like(d), "pseudo_huber", c), torch.full((2,), (math.sqrt(2) - 1) * c)
+    )
     assert torch.allclose(_norm_distance(d, 0.0), torch.full((2,), c))  # ECT default: unsquared L2
     assert default_huber_c(torch.zeros(1, 3, 32, 32)) == pytest.approx(0.02993, abs=1e-5)
     assert default_huber_c(torch.zeros(1, 4, 64, 64)) == pytest.approx(0.06912, abs=1e-5)
@@ -432,10 +433,13 @@ def test_registry_papers_and_pass_counts(toy):
     for name in ("cd", "ict", "ect", "lcm", "scm"):
         assert OBJECTIVES[name].paper is not None and OBJECTIVES[name].paper.arxiv
     teacher = Teacher(toy.teacher())
-    objs = [ConsistencyDistillation(teacher=teacher, generator=_affine_gen(), distance="l2"),
-            ICT(generator=_affine_gen()), ECT(generator=_affine_gen(0.0)),
-            LCM(teacher=teacher, generator=_affine_gen(), num_scales=100, skipping_step=5),
-            SCM(teacher=teacher, generator=_affine_gen(0.0))]
+    objs = [
+        ConsistencyDistillation(teacher=teacher, generator=_affine_gen(), distance="l2"),
+        ICT(generator=_affine_gen()),
+        ECT(generator=_affine_gen(0.0)),
+        LCM(teacher=teacher, generator=_affine_gen(), num_scales=100, skipping_step=5),
+        SCM(teacher=teacher, generator=_affine_gen(0.0)),
+    ]
     costs = {type(o).__name__: o.pass_count().cost() for o in objs}
     assert all(isinstance(o.pass_count(), PassCount) for o in objs)
     assert costs["ECT"] < costs["ConsistencyDistillation"] and costs["SCM"] > costs["ECT"]
@@ -475,9 +479,16 @@ def test_unet_guidance_embedding_and_scm_jvp_through_attention():
     from diffdistill.models.builders import edm_unet
 
     torch.manual_seed(0)
-    cfg = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 16), layers_per_block=1,
-               down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-               norm_num_groups=8)
+    cfg = dict(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
     den = edm_unet(cfg)
     x, sigma = torch.randn(2, 1, 8, 8), torch.full((2,), 0.7)
     ref = den(x, sigma)
