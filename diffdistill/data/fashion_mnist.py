@@ -52,7 +52,13 @@ def _find(root: Path, stem: str) -> Path | None:
 
 
 def locate_fashion_mnist(root: str | None = None, download: bool = False) -> Path:
-    candidates = [Path(p) for p in (root, os.environ.get("DIFFDISTILL_FASHION_MNIST"), DEBIAN_ROOT) if p]
+    if root is not None:  # an explicit folder is the only place looked at
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"Fashion-MNIST root '{root}' does not exist (data.root).")
+        if _find(Path(root), _FILES["train"][0]) is None and _find(Path(root), _FILES["test"][0]) is None:
+            raise FileNotFoundError(f"no Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz]...) in '{root}'")
+        return Path(root)
+    candidates = [Path(p) for p in (os.environ.get("DIFFDISTILL_FASHION_MNIST"), DEBIAN_ROOT) if p]
     for c in candidates:
         if c.is_dir() and _find(c, _FILES["train"][0]) is not None:
             return c
@@ -63,8 +69,6 @@ def locate_fashion_mnist(root: str | None = None, download: bool = False) -> Pat
         TVFashion(str(target), train=True, download=True)
         TVFashion(str(target), train=False, download=True)
         return target / "FashionMNIST" / "raw"
-    if root is not None and not Path(root).exists():
-        raise FileNotFoundError(f"Fashion-MNIST root '{root}' does not exist.")
     raise FileNotFoundError(
         "Fashion-MNIST IDX files not found (looked in: "
         + ", ".join(str(c) for c in candidates)
