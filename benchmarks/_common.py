@@ -50,12 +50,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def teacher_training_running() -> bool:
-    """Whether the background ``diffdistill-teacher`` run of this machine is still using the cores."""
+def concurrent_runs() -> list[str]:
+    """Command lines of diffdistill training / evaluation processes running beside the benchmark."""
     try:
-        return subprocess.run(["pgrep", "-f", "diffdistill-teacher"], capture_output=True).returncode == 0
+        out = subprocess.run(["pgrep", "-af", "diffdistill-(teacher|train|eval)"], capture_output=True, text=True)
     except OSError:
-        return False
+        return []
+    return [line.split(" ", 1)[1] for line in out.stdout.splitlines() if " " in line]
 
 
 def machine_info(device: str) -> dict[str, Any]:
@@ -69,7 +70,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__,
         "diffdistill": getattr(diffdistill, "__version__", "0.1.0"), "platform": platform.platform(),
         "load_average_at_start": list(os.getloadavg()),
-        "concurrent_teacher_training": teacher_training_running(),
+        "concurrent_runs_at_start": concurrent_runs(),
     }
     for mod in ("diffusers", "accelerate", "numpy"):
         with contextlib.suppress(Exception):
@@ -82,8 +83,8 @@ def machine_info(device: str) -> dict[str, Any]:
 
 def finish_info(info: dict[str, Any]) -> dict[str, Any]:
     info["load_average_at_end"] = list(os.getloadavg())
-    running = info["concurrent_teacher_training"] or teacher_training_running()
-    info["concurrent_teacher_training"] = running
+    info["concurrent_runs_at_end"] = concurrent_runs()
+    running = bool(info["concurrent_runs_at_start"] or info["concurrent_runs_at_end"])
     load = max(info["load_average_at_start"][0], info["load_average_at_end"][0])
     info["measured_under_contention"] = bool(running or load > 1.5 * (os.cpu_count() or 1))
     return info

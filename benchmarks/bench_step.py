@@ -10,7 +10,9 @@ teacher exactly as ``diffdistill-train`` does (``build_roles`` / ``make_objectiv
 ``DistillTrainer.train_step()``: warm-up, then the median over repeats of one full update cycle (an iteration
 for 1:1 objectives, ``r`` iterations for TTUR ``r``). The denominator is a plain EDM denoising fine-tune of the
 same backbone at the same batch size (EDM loss forward + backward + clip + AdamW + EMA), run through the same
-trainer in the same process, before and after the objectives. Next to the measured ratio stands the
+trainer in the same process: the reported ratio is the median over pairs of one objective update cycle
+alternated with as many fine-tune iterations (robust to drifts of machine speed); the ratio to the fine-tune
+timed alone before and after all objectives is kept beside it. Next to the measured ratio stands the
 pass-count estimate ``objective.pass_count().cost() / 3`` (a fine-tune step is one forward with graph plus one
 backward = 3 forwards), so the overhead beyond network passes is visible.
 
@@ -25,9 +27,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime as dt
 import gc
 import json
 import math
+import os
+import statistics
 import tempfile
 import warnings
 from pathlib import Path
@@ -41,6 +46,7 @@ from _common import (
     Network,
     PeakMemory,
     build_network,
+    concurrent_runs,
     finish_info,
     machine_info,
     tensor_bytes,
@@ -162,9 +168,28 @@ def cycle(trainer: DistillTrainer) -> int:
     return max(1, int(s.critic_steps_per_generator_step))
 
 
+def paired_ratio(obj_step, ref_step, group: int, warmup: int, repeats: int, device) -> dict[str, float]:
+    """Alternate one update cycle of the objective with as many fine-tune iterations, ``repeats`` times; the
+    median of the per-pair ratios is robust to slow drifts of the machine's speed (other processes, clocks)."""
+    for _ in range(warmup):
+        obj_step()
+    ref_step()
+    ratios, obj_ms, ref_ms = [], [], []
+    for _ in range(repeats):
+        t_ref = time_calls(ref_step, 0, 1, device, group=group)["median_ms"]
+        t_obj = time_calls(obj_step, 0, 1, device, group=group)["median_ms"]
+        ratios.append(t_obj / t_ref)
+        obj_ms.append(t_obj)
+        ref_ms.append(t_ref)
+    return {"ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "objective_ms_median": statistics.median(obj_ms), "finetune_ms_median": statistics.median(ref_ms),
+            "pairs": repeats}
+
+
 def measure(net: Network, label: str, objective: str | None, overrides: dict[str, Any], args, mode: str,
-            timing: bool, memory: bool) -> dict[str, Any]:
-    """Time and/or measure the memory of one (network, objective, mode) case in this process."""
+            timing: bool, memory: bool, ref: DistillTrainer | None = None) -> dict[str, Any]:
+    """Time and/or measure the memory of one (network, objective, mode) case in this process; with ``ref`` (a
+    fine-tune trainer) also the paired ratio to it."""
     row: dict[str, Any] = {"label": label, "objective": objective or FINETUNE, "mode": mode}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(net, objective, overrides, args, tmp, mode)
@@ -175,6 +200,8 @@ def measure(net: Network, label: str, objective: str | None, overrides: dict[str
         warm = r * math.ceil(args.warmup / r)
         if timing:
             row["time"] = time_calls(trainer.train_step, warm, args.repeats, trainer.device, group=r)
+            if ref is not None:
+                row["paired"] = paired_ratio(trainer.train_step, ref.train_step, r, 0, args.repeats, trainer.device)
         if memory:
             if not timing:
                 for _ in range(r):
@@ -207,13 +234,21 @@ def run_network(net_name: str, args) -> dict[str, Any]:
     net = build_network(net_name)
     print(f"== {net_name}: {net.description}, batch {net.batch_size}", flush=True)
     res: dict[str, Any] = {"network": net_name, "description": net.description, "batch_size": net.batch_size,
-                           "peer": net.peer, "objectives": []}
+                           "peer": net.peer, "objectives": [],
+                           "measured": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                        "load_average_at_start": list(os.getloadavg()),
+                                        "torch_threads": torch.get_num_threads(), "warmup": args.warmup,
+                                        "repeats": args.repeats, "concurrent_runs": concurrent_runs()}}
     base0 = measure(net, FINETUNE, None, {}, args, "full", timing=True, memory=args.memory)
     print(f"  finetune: {base0['time']['median_ms']:.1f} ms", flush=True)
+    ref_dir = tempfile.TemporaryDirectory()
+    ref = make_trainer(net, None, {}, args, ref_dir.name)
+    for _ in range(args.warmup):
+        ref.train_step()
     rows = []
     for label, name, ov in cases(net_name, args.objectives):
         try:
-            row = measure(net, label, name, ov, args, "full", timing=True, memory=args.memory)
+            row = measure(net, label, name, ov, args, "full", timing=True, memory=args.memory, ref=ref)
         except Exception as e:  # noqa: BLE001  (a broken objective must not hide the others)
             rows.append({"label": label, "objective": name, "error": f"{type(e).__name__}: {e}"})
             print(f"  {label}: FAILED {e}", flush=True)
@@ -222,8 +257,11 @@ def run_network(net_name: str, args) -> dict[str, Any]:
         if name in NOTES:
             row["note"] = NOTES[name]
         rows.append(row)
-        print(f"  {label}: {row['time']['median_ms']:.1f} ms (x{row['update_cycle']} cycle), "
-              f"pass cost {row['pass_cost']:.2f}, mem {row.get('memory_mib')}", flush=True)
+        print(f"  {label}: {row['time']['median_ms']:.1f} ms (x{row['update_cycle']} cycle), paired ratio "
+              f"{row['paired']['ratio_median']:.3f}, pass cost {row['pass_cost']:.2f}, mem {row.get('memory_mib')}",
+              flush=True)
+    del ref
+    ref_dir.cleanup()
     base1 = measure(net, FINETUNE, None, {}, args, "full", timing=True, memory=False)
     ft_ms = 0.5 * (base0["time"]["median_ms"] + base1["time"]["median_ms"])
     t0, t1 = base0["time"]["median_ms"], base1["time"]["median_ms"]
@@ -233,7 +271,8 @@ def run_network(net_name: str, args) -> dict[str, Any]:
     for row in rows:
         if "time" in row:
             row["ms_per_iteration"] = round(row["time"]["median_ms"], 2)
-            row["measured_ratio"] = round(row["time"]["median_ms"] / ft_ms, 3)
+            row["ratio_to_finetune_before_after"] = round(row["time"]["median_ms"] / ft_ms, 3)
+            row["measured_ratio"] = round(row["paired"]["ratio_median"], 3)
             row["estimate_ratio"] = round(row["pass_cost"] / base0["pass_cost"], 3)
             row["overhead_beyond_passes"] = round(row["measured_ratio"] / row["estimate_ratio"] - 1, 3)
     if args.checkpointing:
@@ -253,6 +292,7 @@ def run_network(net_name: str, args) -> dict[str, Any]:
                       flush=True)
         res["checkpointing"] = ck_rows
     res["objectives"] = rows
+    res["measured"]["load_average_at_end"] = list(os.getloadavg())
     if net.peer and PEER_ROW.get(net_name):
         ours = next((r for r in rows if r["label"] == PEER_ROW[net_name] and "measured_ratio" in r), None)
         res["peer_comparison"] = {"peer": net.peer, "diffdistill_row": PEER_ROW[net_name],
@@ -335,6 +375,8 @@ def main() -> None:
     ap.add_argument("--study-compile", action="store_true", help="include torch.compile in the speed study")
     ap.add_argument("--quick", action="store_true", help="1 warm-up, 2 repeats (smoke run)")
     ap.add_argument("--note", default="")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the other networks (and speed study) of an existing --out file, replace these")
     ap.add_argument("--out", default=str(RESULTS / "step_cost_cpu.json"))
     args = ap.parse_args()
     if args.threads:
@@ -357,6 +399,12 @@ def main() -> None:
         "registry": sorted(OBJECTIVES), "networks": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and out.exists():
+        old = json.loads(out.read_text())
+        result["networks"] = [n for n in old.get("networks", []) if n["network"] not in args.networks]
+        if "speed_options" in old and not args.speed_study:
+            result["speed_options"] = old["speed_options"]
+        result["machine_of_kept_entries"] = old.get("machine")
     for name in args.networks:
         result["networks"].append(run_network(name, copy.copy(args)))
         out.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive an interruption
