@@ -27,3 +27,13 @@ def friendly_errors():
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"diffdistill: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "train"):
+    """Compose a diffdistill config from Python (notebooks, tests), with the same overrides as the CLI."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []))
