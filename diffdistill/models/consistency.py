@@ -21,6 +21,7 @@ from diffdistill.conventions import (
     trig_to_edm,
     x0_to_trigflow_F,
 )
+from diffdistill.models.analytic import AffineDenoiser
 from diffdistill.models.conditioning import Conditioning, as_conditioning
 from diffdistill.models.denoiser import Denoiser, EDMDenoiser
 
@@ -135,7 +136,7 @@ class AdaptiveWeight(nn.Module):
         return self.linear(torch.cat([h.cos(), h.sin()], dim=1) / math.sqrt(self.freqs.numel())).squeeze(1)
 
 
-class AffineConsistencyDenoiser(Denoiser):
+class AffineConsistencyDenoiser(AffineDenoiser):
     """Toy consistency student ``f(x, sigma) = b + sqrt((a^2 + sigma_b^2) / (a^2 + sigma^2)) (x - b)``.
 
     For data ``N(mu, s^2)`` per dimension the exact consistency function with boundary ``sigma_b`` is this family
@@ -153,19 +154,12 @@ class AffineConsistencyDenoiser(Denoiser):
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
     ):
-        super().__init__()
-        self.a = nn.Parameter(torch.full((dim,), float(a_init)))
-        self.b = nn.Parameter(torch.full((dim,), float(b_init)))
+        super().__init__(dim, a_init, b_init, float(sigma_data), float(sigma_min), float(sigma_max))
         self._boundary = float(boundary_sigma)
-        self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
 
     @property
     def boundary_sigma(self) -> float:
         return self._boundary
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.a.shape)
 
     def denoise(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         a2 = self.a**2
