@@ -15,6 +15,7 @@ from tests.helpers import TINY, compose_train
 CONFIGS = Path(CONFIG_DIR)
 GROUPS = ["backbone", "schedule", "objective", "data", "optim", "trainer", "eval", "logger"]
 NEEDS_REAL_PACKAGED_TEACHER = {("backbone", "fashion_mnist")}
+MANDATORY = {("data", "image_folder"): "root", ("backbone", "diffusers_vp"): "path"}
 
 
 def options(group):
@@ -34,9 +35,9 @@ def test_every_group_option_composes_and_instantiates(group, option):
 
         if not (ASSETS / "teachers" / "fashion_mnist" / "model.safetensors").exists():
             pytest.skip("packaged teacher not built yet")
-    if group == "data" and option == "image_folder":
-        with pytest.raises(Exception, match="root"):
-            instantiate(node)  # root is mandatory (???)
+    if (group, option) in MANDATORY:  # a mandatory value (???) left unset fails and names the key
+        with pytest.raises(Exception, match=MANDATORY[(group, option)]):
+            instantiate(node)
         return
     if group == "objective":
         if option == "cd":

@@ -1,0 +1,93 @@
+"""A diffusers DDPM-family ``UNet2DModel`` (VP, eps / v / sample prediction) as an EDM denoiser.
+
+EDM view of VP (design §1): ``x_vp = alpha x0 + s eps`` is ``x = x_vp / alpha`` with ``sigma = s / alpha``.
+The adapter maps ``sigma`` to the (fractional or quantised) DDPM timestep, feeds ``alpha x`` to the UNet and
+turns its output into ``x0_hat`` with the conversions of :mod:`diffdistill.conventions`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from diffdistill.conventions import append_dims, eps_to_x0, v_to_x0
+from diffdistill.models.conditioning import Conditioning
+from diffdistill.models.denoiser import Denoiser
+from diffdistill.schedules.discrete import DDPMSchedule
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class DiffusersVPDenoiser(Denoiser):
+    """Wrap a VP ``UNet2DModel``.
+
+    Args:
+        unet: the diffusers ``UNet2DModel``.
+        alphas_cumprod: the training schedule's ``abar_t`` (from its ``DDPMScheduler``).
+        prediction_type: ``epsilon``, ``v_prediction`` or ``sample`` (the scheduler config's field).
+        quantize: round timesteps to integers (the network only saw integer timesteps).
+        sigma_data: data std in the EDM view (0.5 for pixels in ``[-1, 1]``).
+        num_classes: real classes of a class-conditional UNet (``num_class_embeds = num_classes + 1``).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        alphas_cumprod: Tensor,
+        prediction_type: str = "epsilon",
+        quantize: bool = False,
+        sigma_data: float = 0.5,
+        num_classes: int | None = None,
+    ):
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got '{prediction_type}'")
+        self.unet, self.prediction_type = unet, prediction_type
+        self.schedule = DDPMSchedule(alphas_cumprod, quantize=quantize)
+        self.sigma_data, self.num_classes = float(sigma_data), num_classes
+        self.sigma_min, self.sigma_max = self.schedule.sigma_min, self.schedule.sigma_max
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        unet_subfolder: str | None = "unet",
+        scheduler_subfolder: str | None = "scheduler",
+        quantize: bool = False,
+        num_classes: int | None = None,
+        **kw,
+    ) -> DiffusersVPDenoiser:
+        """Load ``UNet2DModel`` + ``DDPMScheduler`` from a diffusers folder or hub id (``google/ddpm-cifar10-32``).
+
+        Nothing is downloaded unless ``path`` is a hub id and the hub is reachable (``HF_HUB_OFFLINE`` unset).
+        """
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        try:
+            unet = UNet2DModel.from_pretrained(str(path), subfolder=unet_subfolder, **kw)
+            sched = DDPMScheduler.from_pretrained(str(path), subfolder=scheduler_subfolder)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"could not load a diffusers UNet2DModel + DDPMScheduler from '{path}': {e}") from e
+        return cls(unet, sched.alphas_cumprod, sched.config.prediction_type, quantize, num_classes=num_classes)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        c = self.unet.config
+        s = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        return (c.in_channels, s, s)
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        alpha, s = self.schedule.alpha_sigma(sigma)
+        x_vp = x * append_dims(alpha, x.ndim)  # (design §1) x_vp = alpha x
+        t = self.schedule.sigma_to_t(sigma)
+        labels = cond.class_labels
+        if self.num_classes is not None and labels is None:
+            labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+        out = self.unet(x_vp, t, class_labels=labels).sample.to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return eps_to_x0(x, out, sigma)
+        if self.prediction_type == "v_prediction":
+            return v_to_x0(x_vp, out, alpha, s)
+        return out
