@@ -427,7 +427,8 @@ def load_generator(checkpoint_path: str | Path, ema: str | float | None = "auto"
     state = load_checkpoint(checkpoint_path)
     if not state.get("config"):
         raise ValueError(f"checkpoint '{checkpoint_path}' holds no run config; it cannot be rebuilt")
-    exp = build_experiment(OmegaConf.create(state["config"]), with_objective=False)
+    # the objective is built too: some wrap the generator (e.g. the CD boundary condition) at construction
+    exp = build_experiment(OmegaConf.create(state["config"]), with_objective=True)
     gen = exp.roles["generator"]
     if ema is None or not state["ema"]:
         gen.load_state_dict(state["roles"]["generator"])
