@@ -101,3 +101,10 @@ def test_every_objective_trains_end_to_end_on_tiny_unet(objective, tmp_path):
     assert losses and all(isinstance(v, float) for v in losses)  # non-finite values are logged as strings
     assert (tmp_path / "checkpoints" / "last.pt").exists()
     assert list((tmp_path / "samples").glob("step*.png"))
+    # the checkpoint rebuilds its generator (objectives may wrap it, e.g. CD's boundary condition)
+    import torch
+
+    from diffdistill.training.trainer import load_generator
+
+    gen = load_generator(tmp_path / "checkpoints" / "last.pt")
+    assert gen(torch.randn(2, 1, 8, 8)).shape == (2, 1, 8, 8)
