@@ -358,7 +358,7 @@ def _chain_std(path: list[float], solver: str) -> float:
     return std
 
 
-def _check(one, two, mean=MU, std=S, tol_mean=0.03, tol_std=0.03):
+def assert_near_data(one, two, mean=MU, std=S, tol_mean=0.03, tol_std=0.03):
     for m, s in (one, two):
         assert abs(m - mean) < tol_mean, (one, two)
         assert abs(s - std) < tol_std, (one, two)
@@ -371,7 +371,7 @@ def test_toy_cd_reaches_data(toy):
     gen = _affine_gen()
     obj = ConsistencyDistillation(teacher=Teacher(toy.teacher()), generator=gen, distance="l2", num_scales=40)
     one, two = _train(obj, gen, toy, 4000)
-    _check(one, two)
+    assert_near_data(one, two)
 
 
 def test_toy_cd_n18_lands_on_the_heun_chain(toy):
@@ -390,7 +390,7 @@ def test_toy_ict_reaches_data(toy):
     gen = _affine_gen()
     obj = ICT(generator=gen, total_steps=800)
     one, two = _train(obj, gen, toy, 800, lr=1e-2)
-    _check(one, two)
+    assert_near_data(one, two)
 
 
 def test_toy_ect_reaches_data(toy):
@@ -398,7 +398,7 @@ def test_toy_ect_reaches_data(toy):
     gen = _affine_gen(boundary=0.0)
     obj = ECT(generator=gen, double_every=100)
     one, two = _train(obj, gen, toy, 800, lr=1e-2)
-    _check(one, two)
+    assert_near_data(one, two)
 
 
 @pytest.mark.parametrize("solver", ["ddim", "heun"])
@@ -411,7 +411,7 @@ def test_toy_lcm_lands_on_its_solver_chain(toy, solver):
     path = [float(grid[i]) for i in obj.start_index] + [float(grid[0])]
     expected = _chain_std(path, "euler" if solver == "ddim" else "heun")
     one, two = _train(obj, gen, toy, 1500)
-    _check(one, two, std=expected, tol_std=0.025)
+    assert_near_data(one, two, std=expected, tol_std=0.025)
 
 
 @pytest.mark.parametrize("mode,backend", [("scd", "autograd"), ("sct", "finite_difference")])
@@ -422,7 +422,7 @@ def test_toy_scm_reaches_data(toy, mode, backend):
     t0 = time.time()
     one, two = _train(obj, gen, toy, 600 if mode == "scd" else 800, lr=1e-2)
     assert time.time() - t0 < 20
-    _check(one, two, tol_std=0.03 if mode == "scd" else 0.04, tol_mean=0.03 if mode == "scd" else 0.04)
+    assert_near_data(one, two, tol_std=0.03 if mode == "scd" else 0.04, tol_mean=0.03 if mode == "scd" else 0.04)
 
 
 # ---------------------------------------------------------------------------------------------
