@@ -20,17 +20,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from _common import cpu_model  # benchmarks/ is on sys.path when a script runs
 from torch import nn
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _rate(fn, n: int, repeats: int = 2) -> float:
@@ -133,7 +124,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import diffdistill
 
-    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host_cpu": _cpu_model(),
+    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host_cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu",
             "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "python": platform.python_version(), "torch": torch.__version__,
