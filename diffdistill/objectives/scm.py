@@ -70,13 +70,33 @@ def trigflow_jvp(
     raise ValueError(f"unknown jvp_backend '{backend}' (one of {JVP_BACKENDS})")
 
 
+WARMUP_VARIANTS = ("scm", "rcm")
+
+
 def scm_tangent(
-    x_t: Tensor, t: Tensor, dxdt: Tensor, F_minus: Tensor, dFdt_cs: Tensor, sigma_data: float, warmup: float = 1.0
+    x_t: Tensor,
+    t: Tensor,
+    dxdt: Tensor,
+    F_minus: Tensor,
+    dFdt_cs: Tensor,
+    sigma_data: float,
+    warmup: float = 1.0,
+    variant: str = "scm",
 ) -> Tensor:
-    """sCM's target direction ``g = -cos^2 t (sigma_d F- - dx/dt) - r (cos t sin t x_t + sigma_d cos t sin t dF-/dt)``
-    (Eq. 8 with tangent warm-up ``r``); ``dFdt_cs`` is ``cos t sin t dF-/dt``. ``g = cos t df-/dt`` at ``r = 1``."""
+    """sCM's target direction ``g`` with tangent warm-up ``r``; ``dFdt_cs`` is ``cos t sin t dF-/dt``.
+
+    ``variant="scm"`` (paper, Eq. 8): ``g = -cos^2 t (sigma_d F- - dx/dt) - r cos t sin t (x_t + sigma_d dF-/dt)``.
+    ``variant="rcm"`` (``NVlabs/rcm``, losses.md §4.2): ``g = -cos t sqrt(1 - r^2 sin^2 t) (sigma_d F- - dx/dt)
+    - (r cos t sin t x_t + sigma_d cos t sin t dF-/dt)``: the ``dF/dt`` term is not warmed up.
+    Both equal ``cos t df-/dt`` at ``r = 1``.
+    """
     c, s = torch.cos(append_dims(t, x_t.ndim)), torch.sin(append_dims(t, x_t.ndim))
-    return -(c**2) * (sigma_data * F_minus - dxdt) - warmup * (c * s * x_t + sigma_data * dFdt_cs)
+    if variant == "scm":
+        return -(c**2) * (sigma_data * F_minus - dxdt) - warmup * (c * s * x_t + sigma_data * dFdt_cs)
+    if variant == "rcm":
+        damp = c * torch.sqrt((1 - warmup**2 * s**2).clamp_min(0))
+        return -damp * (sigma_data * F_minus - dxdt) - (warmup * c * s * x_t + sigma_data * dFdt_cs)
+    raise ValueError(f"unknown warmup variant '{variant}' (one of {WARMUP_VARIANTS})")
 
 
 def normalize_tangent(g: Tensor, c: float = 0.1, norm: str = "l2") -> Tensor:
@@ -103,6 +123,7 @@ class SCM(Objective):
         jvp_backend: ``"autograd"`` (forward-mode, under the math SDPA kernel) or ``"finite_difference"``.
         fd_step: ``h`` of the central finite difference.
         tangent_warmup_steps: ``H`` of ``r = min(1, step / H)`` (10k).
+        warmup_variant: ``"scm"`` (paper) or ``"rcm"`` (rCM's warm-up, which leaves ``dF/dt`` un-damped).
         tangent_norm_c, tangent_norm: ``g / (||g|| + c)``, ``c = 0.1``, ``"l2"`` or ``"rms"`` norm.
         adaptive_weighting: learn ``w_phi(t)`` (a submodule ``generator.adaptive_weight``, trained with the
             generator's optimiser; attached in place if missing).
@@ -127,6 +148,7 @@ class SCM(Objective):
         jvp_backend: str = "autograd",
         fd_step: float = 1e-3,
         tangent_warmup_steps: int = 10_000,
+        warmup_variant: str = "scm",
         tangent_norm_c: float = 0.1,
         tangent_norm: str = "l2",
         adaptive_weighting: bool = True,
@@ -138,12 +160,14 @@ class SCM(Objective):
             raise ValueError("sCD needs a teacher")
         if jvp_backend not in JVP_BACKENDS:
             raise ValueError(f"unknown jvp_backend '{jvp_backend}' (one of {JVP_BACKENDS})")
+        if warmup_variant not in WARMUP_VARIANTS:
+            raise ValueError(f"unknown warmup_variant '{warmup_variant}' (one of {WARMUP_VARIANTS})")
         if tangent_norm not in ("l2", "rms"):
             raise ValueError(f"unknown tangent_norm '{tangent_norm}' (use 'l2' or 'rms')")
         self.teacher, self.generator, self.mode = teacher, generator, mode
         self.P_mean, self.P_std, self.guidance_scale = float(P_mean), float(P_std), guidance_scale
         self.jvp_backend, self.fd_step = jvp_backend, float(fd_step)
-        self.tangent_warmup_steps = int(tangent_warmup_steps)
+        self.tangent_warmup_steps, self.warmup_variant = int(tangent_warmup_steps), warmup_variant
         self.tangent_norm_c, self.tangent_norm = float(tangent_norm_c), tangent_norm
         self.adaptive_weighting = adaptive_weighting
         if adaptive_weighting:
@@ -182,7 +206,7 @@ class SCM(Objective):
             # theta- = stopgrad(theta): F- and cos t sin t dF-/dt in one forward-mode pass
             F_minus, dFdt_cs = trigflow_jvp(F_minus_fn, x_t, t, dxdt, self.jvp_backend, self.fd_step)
             # (Eq. 8) tangent with warm-up r, then (§4.2) tangent normalisation
-            g = scm_tangent(x_t, t, dxdt, F_minus, dFdt_cs, sd, self.warmup(step))
+            g = scm_tangent(x_t, t, dxdt, F_minus, dFdt_cs, sd, self.warmup(step), self.warmup_variant)
             g = normalize_tangent(g, self.tangent_norm_c, self.tangent_norm)
             target = F_minus + g
         with rng.replay():

@@ -224,6 +224,46 @@ def test_ect_clean_target_where_r_is_zero():
     assert float(obj_late.generator_loss(Batch(y), 3 * obj_late.double_every).loss.abs().max()) > 0  # x_t != x_r
 
 
+def test_weighted_l2_limit_as_r_approaches_t(toy):
+    """losses.md §9.3.4: ||f(x_t, t) - f(x_r, r)|| / (t - r) tends to a finite non-zero limit for a
+    non-consistent f and to 0 for the exact consistency function f* (x_r on the teacher's ODE from x_t)."""
+    torch.manual_seed(0)
+    teacher = Teacher(toy.teacher())
+    x0 = toy.get(torch.arange(512)).x0
+    t = torch.full((512,), 1.5)
+    x_t = x0 + 1.5 * torch.randn_like(x0)
+
+    def linear(x, sigma):  # consistent nowhere: the same affine map at every sigma
+        return 0.6 * x + 0.1
+
+    ratios = {"linear": [], "exact": []}
+    for h in (0.2, 0.1, 0.05, 0.025):
+        r = t - h
+        x_r = heun_step(teacher, x_t, t, r, None)  # one ODE step of the exact teacher
+        for name, f in (("linear", linear), ("exact", f_star)):
+            diff = f(x_t, t) - f(x_r, r)
+            ratios[name].append(float(_norm_distance(diff, 0.0).mean() / h))  # (ECT Eq. 6) with c = 0
+    lin, ex = ratios["linear"], ratios["exact"]
+    assert lin[-1] > 0.5 and abs(lin[-1] - lin[-2]) < 0.02 * lin[-1]  # converges to a non-zero limit
+    assert ex[-1] < 1e-3 * lin[-1] and all(b < a / 3 for a, b in zip(ex, ex[1:]))  # O(h^2) -> 0
+
+    # ECT's const mapping r = t (1 - q^-(s+1)) shrinks t - r with the stage; for linear f the weighted loss is
+    # |a| ||eps|| at every stage: finite, non-zero, independent of t - r
+    class Linear(Denoiser):
+        sigma_data, sigma_min, sigma_max = 0.5, 0.002, 80.0
+
+        def denoise(self, x, sigma, cond):
+            return linear(x, sigma)
+
+    obj = ECT(generator=Generator(Linear()), mapping="const", P_mean=0.5, P_std=0.1, double_every=1)
+    y = toy.get(torch.arange(4096)).x0
+    torch.manual_seed(1)
+    early = float(obj.generator_loss(Batch(y), 0).loss.mean())
+    torch.manual_seed(1)
+    late = float(obj.generator_loss(Batch(y), 6).loss.mean())
+    assert early == pytest.approx(late, rel=1e-3) and early == pytest.approx(0.6 * math.sqrt(DIM), rel=0.03)
+
+
 # ---------------------------------------------------------------------------------------------
 # §9.4 sCM
 
@@ -297,6 +337,25 @@ def test_tangent_normalisation_and_warmup():
     t = torch.rand(5)
     expected = -append_dims(torch.cos(t) ** 2, 2) * (0.5 * F - dxdt)
     assert torch.allclose(scm_tangent(x_t, t, dxdt, F, dF, 0.5, 0.0), expected)  # r = 0: the first term only
+
+
+def test_rcm_and_scm_warmup_variants():
+    """losses.md §9.4.4: both variants agree at r = 1; at r = 0 sCM keeps -cos^2 t (sigma_d F- - dx/dt) whereas
+    rCM keeps -cos t (F- - F_teacher) - cos t sin t dF-/dt (sigma_d = 1, dx/dt = F_teacher)."""
+    torch.manual_seed(0)
+    x_t, F, F_teacher, dF = (torch.randn(6, DIM) for _ in range(4))
+    t = torch.rand(6) * 1.5
+    c = append_dims(torch.cos(t), 2)
+    for sd in (0.5, 1.0):
+        full = [scm_tangent(x_t, t, F_teacher, F, dF, sd, 1.0, v) for v in ("scm", "rcm")]
+        assert torch.allclose(full[0], full[1], atol=1e-6)
+    assert torch.allclose(scm_tangent(x_t, t, F_teacher, F, dF, 1.0, 0.0, "scm"), -(c**2) * (F - F_teacher))
+    expected = -c * (F - F_teacher) - dF  # dF is already cos t sin t dF-/dt
+    assert torch.allclose(scm_tangent(x_t, t, F_teacher, F, dF, 1.0, 0.0, "rcm"), expected, atol=1e-6)
+    half = [scm_tangent(x_t, t, F_teacher, F, dF, 1.0, 0.5, v) for v in ("scm", "rcm")]
+    assert (half[0] - half[1]).abs().max() > 1e-2  # the variants differ during the warm-up
+    with pytest.raises(ValueError, match="warmup variant"):
+        scm_tangent(x_t, t, F_teacher, F, dF, 1.0, 0.5, "ecm")
 
 
 def test_scm_loss_value_and_adaptive_weight_optimum(toy):
