@@ -43,6 +43,9 @@ class TrainerConfig:
 
     Args:
         max_steps: training iterations (each = one critic update and, on schedule, a generator update).
+        max_time_s: also stop once this many seconds were spent in training iterations (0 = no limit;
+            sampling, evaluation and checkpointing are not counted; the count survives a resume). A fixed
+            compute budget for comparing objectives.
         batch_size: samples per iteration.
         grad_clip: max gradient norm per role (DMD2: 10); ``0`` disables clipping.
         ema_decays: generator EMA tracks kept beside the online weights.
@@ -61,6 +64,7 @@ class TrainerConfig:
     """
 
     max_steps: int = 1000
+    max_time_s: float = 0.0
     batch_size: int = 32
     grad_clip: float = 10.0
     ema_decays: list[float] = field(default_factory=lambda: [0.999])
@@ -155,6 +159,7 @@ class DistillTrainer:
         self.emas = {float(d): EMA(gen, decay=float(d)) for d in self.cfg.ema_decays}
         self.batcher = InfiniteBatcher(dataset, self.cfg.batch_size, seed=self.cfg.seed)
         self.step = 0
+        self.train_seconds = 0.0
         self.nonfinite = {"skipped": 0, "streak_generator": 0, "streak_critic": 0}
 
     # ------------------------------------------------------------------------------------------
@@ -164,6 +169,7 @@ class DistillTrainer:
         unwrap = self.accelerator.unwrap_model
         return {
             "step": self.step,
+            "train_seconds": self.train_seconds,
             "objective": self.objective.name,
             "roles": {k: unwrap(m).state_dict() for k, m in self.roles.items() if k != "teacher"},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
@@ -197,6 +203,7 @@ class DistillTrainer:
         set_rng_state(state["rng"])
         self.nonfinite = dict(state.get("nonfinite", self.nonfinite))
         self.step = int(state["step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
 
     @property
     def ckpt_dir(self) -> Path:
@@ -385,32 +392,46 @@ class DistillTrainer:
             mininterval=2,
         )
         t0 = time.time()
+        c = self.cfg
         try:
-            while self.step < self.cfg.max_steps:
+            while not self._budget_spent():
+                tic = time.perf_counter()
                 logs = self.train_step()
+                self.train_seconds += time.perf_counter() - tic
                 bar.update(1)
-                c = self.cfg
-                if c.log_every and (self.step % c.log_every == 0 or self.step == c.max_steps):
-                    logs = {**logs, "sec": time.time() - t0, "lr": self.schedulers["generator"].get_last_lr()[0]}
+                end = self._budget_spent()
+                if end and self.step < c.max_steps:
+                    log.info("max_time_s=%g reached at step %d", c.max_time_s, self.step)
+                if c.log_every and (self.step % c.log_every == 0 or end):
+                    logs = {
+                        **logs,
+                        "sec": time.time() - t0,
+                        "train_sec": self.train_seconds,
+                        "lr": self.schedulers["generator"].get_last_lr()[0],
+                    }
                     logger.log(self.step, logs)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")})
                     last = logs
-                if c.sample_every and (self.step % c.sample_every == 0 or self.step == c.max_steps):
+                if c.sample_every and (self.step % c.sample_every == 0 or end):
                     logger.log(self.step, self.sample_grid(), kind="samples")
                 if (
                     self.evaluator is not None
                     and c.eval_every
-                    and (self.step % c.eval_every == 0 or self.step == c.max_steps)
+                    and (self.step % c.eval_every == 0 or end)
                 ):
                     with torch.random.fork_rng():
                         metrics = self.evaluator(self.ema_generator(), self.step)
                     logger.log(self.step, metrics, kind="eval")
-                if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or self.step == c.max_steps):
+                if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or end):
                     self.save_checkpoint()
         finally:
             bar.close()
             logger.close()
         return last
+
+    def _budget_spent(self) -> bool:
+        c = self.cfg
+        return self.step >= c.max_steps or (c.max_time_s > 0 and self.train_seconds >= c.max_time_s)
 
 
 def load_generator(checkpoint_path: str | Path, ema: str | float | None = "auto") -> nn.Module:

@@ -76,7 +76,26 @@ def test_resume_continues_the_same_trajectory(tmp_path, base):
 
 def _train_records(run_dir):
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "sec"} for r in recs if r["kind"] == "train"]
+    return [{k: v for k, v in r.items() if k not in ("sec", "train_sec")} for r in recs if r["kind"] == "train"]
+
+
+def test_time_budget_stops_checkpoints_and_survives_resume(tmp_path):
+    """trainer.max_time_s ends the run early with a final log, grid and checkpoint; a resume keeps the count."""
+    cfg = _toy(tmp_path, 10**6, ["trainer.max_time_s=0.5", "trainer.checkpoint_every=1000000", "trainer.sample_every=0"])
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    first = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert 0 < first["step"] < 10**6 and first["train_seconds"] >= 0.5
+    assert first["train_seconds"] < 0.5 + 1.0  # stops within an iteration or so of the budget
+    resumed = build_trainer(_toy(tmp_path, 10**6, ["trainer.max_time_s=1.0", "trainer.resume=auto"]))
+    assert resumed.train_seconds == 0.0
+    resumed.fit()
+    second = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert second["step"] > first["step"] and 1.0 <= second["train_seconds"] < 2.0
+    # no further iteration when the budget is already spent
+    again = build_trainer(_toy(tmp_path, 10**6, ["trainer.max_time_s=1.0", "trainer.resume=auto"]))
+    again.fit()
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == second["step"]
 
 
 def test_ttur_update_counts(tmp_path):
