@@ -53,6 +53,8 @@ class UNetBackbone(nn.Module):
         c_noise_scale: the UNet's timestep is ``c_noise_scale * c_noise``; 1000 turns EDM's
             ``ln(sigma)/4`` into ``250 ln(sigma)``, the range its sinusoidal embedding resolves well
             (the convention of openai/consistency_models).
+        null_class: reserve embedding ``num_classes`` as the null class of classifier-free guidance. Networks
+            trained without one (openai's ImageNet-64 EDM teacher) set ``False``; they then need class labels.
     """
 
     def __init__(
@@ -61,15 +63,16 @@ class UNetBackbone(nn.Module):
         num_classes: int | None = None,
         c_noise_scale: float = 1000.0,
         guidance_embedding: bool = False,
+        null_class: bool = True,
     ) -> None:
         super().__init__()
         from diffusers import UNet2DModel
 
         cfg = dict(unet_config)
         if num_classes is not None:
-            cfg["num_class_embeds"] = num_classes + 1
+            cfg["num_class_embeds"] = num_classes + int(null_class)
         self.unet = UNet2DModel(**cfg)
-        self.num_classes = num_classes
+        self.num_classes, self.null_class = num_classes, null_class
         self.unet_config = dict(unet_config)
         self.c_noise_scale = float(c_noise_scale)
         self.guidance_emb: GuidanceEmbedding | None = None
@@ -88,6 +91,37 @@ class UNetBackbone(nn.Module):
     def _add_guidance(self, module, inputs, output):
         return output if self._pending_guidance is None else output + self._pending_guidance.to(output.dtype)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        subfolder: str | None = None,
+        num_classes: int | None = None,
+        null_class: bool = False,
+        c_noise_scale: float = 1000.0,
+        guidance_embedding: bool = False,
+    ) -> UNetBackbone:
+        """Wrap a saved diffusers ``UNet2DModel`` (a folder or hub id), e.g. openai's EDM ImageNet-64 teacher
+        converted by diffusers' ``scripts/convert_consistency_to_diffusers.py``. ``num_classes`` defaults to the
+        model's ``num_class_embeds`` (minus one with ``null_class``)."""
+        from diffusers import UNet2DModel
+
+        unet = UNet2DModel.from_pretrained(path, subfolder=subfolder)
+        embeds = unet.config.num_class_embeds
+        if num_classes is None and embeds is not None:
+            num_classes = embeds - int(null_class)
+        if num_classes is not None and embeds != num_classes + int(null_class):
+            raise ValueError(
+                f"'{path}' has {embeds} class embeddings; num_classes={num_classes} with null_class={null_class} "
+                f"needs {num_classes + int(null_class)}"
+            )
+        config = {k: v for k, v in unet.config.items() if not k.startswith("_") and k != "num_class_embeds"}
+        net = cls(config, num_classes, c_noise_scale, guidance_embedding=False, null_class=null_class)
+        net.unet.load_state_dict(unet.state_dict())
+        if guidance_embedding:
+            net.enable_guidance_embedding()
+        return net
+
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
@@ -98,6 +132,11 @@ class UNetBackbone(nn.Module):
         if self.num_classes is None:
             return None
         if cond.class_labels is None:  # unconditional call on a conditional model: null class
+            if not self.null_class:
+                raise ValueError(
+                    f"this {self.num_classes}-class network was trained without a null class: pass class labels "
+                    "(unconditional calls and classifier-free guidance need a null class)"
+                )
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         return cond.class_labels.long()
 

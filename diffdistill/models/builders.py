@@ -23,6 +23,23 @@ def edm_unet(
     return EDMDenoiser(net, sigma_data, sigma_min, sigma_max)
 
 
+def edm_unet_pretrained(
+    path: str,
+    subfolder: str | None = None,
+    num_classes: int | None = None,
+    null_class: bool = False,
+    sigma_data: float = 0.5,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    c_noise_scale: float = 1000.0,
+) -> EDMDenoiser:
+    """An EDM teacher stored as a diffusers ``UNet2DModel`` folder (or hub id) whose raw network takes
+    ``c_noise_scale * ln(sigma) / 4`` as its timestep: openai/consistency_models' EDM teachers (250 ln sigma)
+    after diffusers' ``convert_consistency_to_diffusers.py``."""
+    net = UNetBackbone.from_pretrained(path, subfolder, num_classes, null_class, c_noise_scale)
+    return EDMDenoiser(net, sigma_data, sigma_min, sigma_max)
+
+
 def edm_mlp(
     dim: int = 2,
     hidden: int = 128,

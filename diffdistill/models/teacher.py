@@ -50,7 +50,13 @@ class Teacher(WrapsDenoiser, nn.Module):
     def _guided(self, cond: Conditioning, w) -> bool:
         if cond.class_labels is None or self.num_classes is None:
             return False
-        return torch.is_tensor(w) or w != 1.0
+        guided = torch.is_tensor(w) or w != 1.0
+        if guided and not getattr(getattr(self.denoiser, "net", None), "null_class", True):
+            raise ValueError(
+                "classifier-free guidance needs a teacher trained with a null class; this one has none "
+                "(set guidance_scale=1)"
+            )
+        return guided
 
     def features(self, x, sigma, cond=None):
         return self.denoiser.features(x, sigma, cond)

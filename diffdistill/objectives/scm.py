@@ -48,6 +48,11 @@ def _math_sdpa():
         return contextlib.nullcontext()
 
 
+def _fp32(device_type: str, enabled: bool):
+    """Autocast off (fp32) when ``enabled``; a no-op context otherwise."""
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+
+
 def trigflow_jvp(
     fn, x_t: Tensor, t: Tensor, dxdt: Tensor, backend: str = "autograd", fd_step: float = 1e-3
 ) -> tuple[Tensor, Tensor]:
@@ -122,6 +127,8 @@ class SCM(Objective):
         guidance_scale: teacher CFG of the sCD tangent (``None``: the teacher's own).
         jvp_backend: ``"autograd"`` (forward-mode, under the math SDPA kernel) or ``"finite_difference"``.
         fd_step: ``h`` of the central finite difference.
+        jvp_fp32: run the JVP (and the tangent) with autocast off, in fp32, when training in bf16/fp16
+            (FastGen's ImageNet sCD setting: the JVP is the precision-sensitive part).
         tangent_warmup_steps: ``H`` of ``r = min(1, step / H)`` (10k).
         warmup_variant: ``"scm"`` (paper) or ``"rcm"`` (rCM's warm-up, which leaves ``dF/dt`` un-damped).
         tangent_norm_c, tangent_norm: ``g / (||g|| + c)``, ``c = 0.1``, ``"l2"`` or ``"rms"`` norm.
@@ -147,6 +154,7 @@ class SCM(Objective):
         guidance_scale: float | None = None,
         jvp_backend: str = "autograd",
         fd_step: float = 1e-3,
+        jvp_fp32: bool = True,
         tangent_warmup_steps: int = 10_000,
         warmup_variant: str = "scm",
         tangent_norm_c: float = 0.1,
@@ -166,7 +174,7 @@ class SCM(Objective):
             raise ValueError(f"unknown tangent_norm '{tangent_norm}' (use 'l2' or 'rms')")
         self.teacher, self.generator, self.mode = teacher, generator, mode
         self.P_mean, self.P_std, self.guidance_scale = float(P_mean), float(P_std), guidance_scale
-        self.jvp_backend, self.fd_step = jvp_backend, float(fd_step)
+        self.jvp_backend, self.fd_step, self.jvp_fp32 = jvp_backend, float(fd_step), bool(jvp_fp32)
         self.tangent_warmup_steps, self.warmup_variant = int(tangent_warmup_steps), warmup_variant
         self.tangent_norm_c, self.tangent_norm = float(tangent_norm_c), tangent_norm
         self.adaptive_weighting = adaptive_weighting
@@ -204,7 +212,9 @@ class SCM(Objective):
                 dxdt = sd * trigflow_F(self.teacher, x_t, t, cond, sd, guidance_scale=self.guidance_scale)
             rng = RNGState(x0.device)  # the JVP and the student forward share the dropout mask
             # theta- = stopgrad(theta): F- and cos t sin t dF-/dt in one forward-mode pass
-            F_minus, dFdt_cs = trigflow_jvp(F_minus_fn, x_t, t, dxdt, self.jvp_backend, self.fd_step)
+            with _fp32(x0.device.type, self.jvp_fp32):
+                args = (x_t.float(), t.float(), dxdt.float()) if self.jvp_fp32 else (x_t, t, dxdt)
+                F_minus, dFdt_cs = trigflow_jvp(F_minus_fn, *args, self.jvp_backend, self.fd_step)
             # (Eq. 8) tangent with warm-up r, then (§4.2) tangent normalisation
             g = scm_tangent(x_t, t, dxdt, F_minus, dFdt_cs, sd, self.warmup(step), self.warmup_variant)
             g = normalize_tangent(g, self.tangent_norm_c, self.tangent_norm)

@@ -38,7 +38,7 @@ class OptimizerSpec:
         lr = float(self.lr_per_role.get(role, self.lr))
         betas = tuple(self.betas_per_role.get(role, self.betas))
         kw = {"lr": lr, "betas": betas, "eps": self.eps}
-        if self.fused and torch.cuda.is_available():
+        if self.fused and torch.cuda.is_available() and self.name != "radam":
             kw["fused"] = True
         elif self.fused:
             kw["foreach"] = True
@@ -46,8 +46,10 @@ class OptimizerSpec:
             opt = torch.optim.AdamW(params, weight_decay=self.weight_decay, **kw)
         elif self.name == "adam":
             opt = torch.optim.Adam(params, weight_decay=self.weight_decay, **kw)
+        elif self.name == "radam":  # consistency models (Song et al. 2023) and ECT
+            opt = torch.optim.RAdam(params, weight_decay=self.weight_decay, **kw)
         else:
-            raise ValueError(f"unknown optimizer '{self.name}' (use 'adamw' or 'adam')")
+            raise ValueError(f"unknown optimizer '{self.name}' (use 'adamw', 'adam' or 'radam')")
         warm = max(1, int(self.warmup_steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return opt, sched

@@ -1,0 +1,160 @@
+"""Quality per unit of compute on the packaged Fashion-MNIST teacher: FID-EffNet of every objective's student
+after the same CPU budget, beside the teacher's own many-step FID.
+
+    python benchmarks/bench_fm_quality.py [--budget-s 300] [--objectives dmd cd ...]
+
+For each objective in ``OBJECTIVES`` that has a recipe ``configs/experiment/fashion_mnist/<name>.yaml`` the run is
+composed exactly as ``diffdistill-train experiment=fashion_mnist/<name>`` composes it, then trained until
+``trainer.max_time_s`` seconds were spent in training iterations (sampling, evaluation and checkpointing excluded;
+``max_steps`` is lifted). The EMA generator is scored with ``eval=effnet_fid_fast`` (FID/KID of 500 samples at
+128 px against 5,000 test images, the protocol of the README's published numbers) at one step and, where the
+recipe defines a few-step sampler, at two steps. The teacher is scored with the same protocol with its Heun
+sampler (18 steps, 35 evaluations). The final sample grid of each run (teacher | one-step | few-step, same
+seeds) is copied to ``docs/images/fm_budget_<name>.png``. Objectives without a Fashion-MNIST recipe are listed
+as skipped; a failure is recorded, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import RESULTS, ROOT, finish_info, machine_info
+
+import diffdistill.objectives  # noqa: F401  (registers every objective)
+from diffdistill.objectives.base import OBJECTIVES
+
+RECIPES = ROOT / "configs" / "experiment" / "fashion_mnist"
+IMAGES = ROOT / "docs" / "images"
+
+
+def evaluator(num_images: int, threads: int):
+    from hydra.utils import instantiate
+
+    from diffdistill.cli.common import compose_config
+
+    cfg = compose_config(["eval=effnet_fid_fast", f"eval.num_images={num_images}", f"num_threads={threads}"], "eval")
+    ev = instantiate(cfg.eval, device="cpu")
+    ev.results_path = None
+    return ev
+
+
+def score(ev, model, steps: int) -> dict[str, float]:
+    ev.sampler_steps = steps
+    tic = time.perf_counter()
+    with torch.random.fork_rng():
+        metrics = ev(model)
+    return {**{k: round(float(v), 4) for k, v in metrics.items()}, "eval_seconds": round(time.perf_counter() - tic, 1)}
+
+
+def train_one(name: str, budget_s: float, threads: int, runs: Path) -> tuple[dict[str, Any], Path]:
+    from diffdistill.cli.common import compose_config
+    from diffdistill.training.builders import build_trainer
+
+    run_dir = runs / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg = compose_config(
+        [
+            f"experiment=fashion_mnist/{name}",
+            f"run_dir={run_dir}",
+            "trainer.device=cpu",
+            "trainer.max_steps=100000000",
+            f"trainer.max_time_s={budget_s}",
+            "trainer.checkpoint_every=100000000",  # one checkpoint, at the end
+            "trainer.sample_every=100000000",  # one grid, at the end
+            "eval=none",
+            f"trainer.num_threads={threads}",
+        ]
+    )
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    row = {
+        "objective": name,
+        "paper": OBJECTIVES[name].paper.__dict__ if getattr(OBJECTIVES[name], "paper", None) else None,
+        "recipe": f"configs/experiment/fashion_mnist/{name}.yaml",
+        "iterations": trainer.step,
+        "train_seconds": round(trainer.train_seconds, 1),
+        "seconds_per_iteration": round(trainer.train_seconds / max(1, trainer.step), 3),
+        "pass_cost_per_iteration": trainer.objective.pass_count().cost(),
+        "sampling_sigmas": [float(s) for s in trainer.ema_generator().sampling_sigmas],
+        "optimizer": {k: cfg.optim[k] for k in ("name", "lr") if k in cfg.optim},
+        "batch_size": int(cfg.trainer.batch_size),
+    }
+    return row, run_dir
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget-s", type=float, default=300.0, help="training seconds per objective")
+    ap.add_argument("--objectives", nargs="+", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--num-images", type=int, default=500)
+    ap.add_argument("--skip-teacher", action="store_true")
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "bench_fm_quality"))
+    ap.add_argument("--note", default="")
+    ap.add_argument("--out", default=str(RESULTS / "fm_quality_cpu.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    info = machine_info("cpu")
+    names = args.objectives or sorted(OBJECTIVES)
+    ev = evaluator(args.num_images, args.threads)
+    result: dict[str, Any] = {
+        "benchmark": "fm_quality",
+        "machine": info,
+        "note": args.note,
+        "setup": {
+            "teacher": "packaged fashion_mnist (diffdistill/assets/teachers/fashion_mnist)",
+            "budget_train_seconds": args.budget_s,
+            "eval": ev.protocol(),
+            "ema": "highest-decay track of each recipe",
+        },
+        "teacher": None,
+        "objectives": [],
+        "skipped": [],
+    }
+    if not args.skip_teacher:
+        from diffdistill.models import Teacher
+
+        teacher = Teacher.from_pretrained("fashion_mnist")
+        result["teacher"] = {"sampler": "Heun 18 steps (35 NFE)", **score(ev, teacher, 18)}
+        print("teacher", result["teacher"], flush=True)
+    runs = Path(args.runs)
+    for name in names:
+        if not (RECIPES / f"{name}.yaml").exists():
+            result["skipped"].append({"objective": name, "why": f"no recipe configs/experiment/fashion_mnist/{name}.yaml"})
+            continue
+        try:
+            row, run_dir = train_one(name, args.budget_s, args.threads, runs)
+            from diffdistill.training.trainer import load_generator
+
+            gen = load_generator(run_dir / "checkpoints" / "last.pt", ema="auto")
+            row["one_step"] = score(ev, gen, 1)
+            if len(gen.sampling_sigmas) > 1:
+                row["two_step"] = score(ev, gen, 2)
+            grids = sorted((run_dir / "samples").glob("step*.png"))
+            if grids:
+                IMAGES.mkdir(parents=True, exist_ok=True)
+                dest = IMAGES / f"fm_budget_{name}.png"
+                shutil.copy(grids[-1], dest)
+                row["grid"] = str(dest.relative_to(ROOT))
+        except Exception as e:  # recorded, not fatal: one broken objective must not hide the others
+            row = {"objective": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+        result["objectives"].append(row)
+        Path(args.out).write_text(json.dumps(result, indent=1))  # partial results survive an interruption
+    result["machine"] = finish_info(info)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
