@@ -65,10 +65,15 @@ def machine_info(device: str) -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "host_cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "device": device if device == "cpu" else torch.cuda.get_device_name(), "precision": "fp32",
-        "python": platform.python_version(), "torch": torch.__version__,
-        "diffdistill": getattr(diffdistill, "__version__", "0.1.0"), "platform": platform.platform(),
+        "host_cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "precision": "fp32",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffdistill": getattr(diffdistill, "__version__", "0.1.0"),
+        "platform": platform.platform(),
         "load_average_at_start": list(os.getloadavg()),
         "concurrent_runs_at_start": concurrent_runs(),
     }
@@ -76,8 +81,9 @@ def machine_info(device: str) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             info[mod] = __import__(mod).__version__
     with contextlib.suppress(Exception):
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                            text=True).stdout.strip()
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     return info
 
 
@@ -99,8 +105,9 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device | str = "cpu",
-               group: int = 1) -> dict[str, float]:
+def time_calls(
+    fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device | str = "cpu", group: int = 1
+) -> dict[str, float]:
     """Call ``fn`` ``warmup`` times, then ``repeats`` groups of ``group`` calls; per-call times of each group.
 
     Returns ``median_ms`` (median over groups of the mean call time in the group: a group is one full update
@@ -121,8 +128,14 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.d
             fn()
         sync(device)
         per.append((time.perf_counter() - t0) * 1000.0 / group)
-    return {"median_ms": statistics.median(per), "min_ms": min(per), "max_ms": max(per), "repeats": repeats,
-            "group": group, "first_call_ms": first_ms}
+    return {
+        "median_ms": statistics.median(per),
+        "min_ms": min(per),
+        "max_ms": max(per),
+        "repeats": repeats,
+        "group": group,
+        "first_call_ms": first_ms,
+    }
 
 
 def _malloc_trim() -> None:
@@ -226,8 +239,9 @@ class SDCondBackbone(nn.Module):
     (a text-encoder stand-in whose last row, the null class, plays the empty prompt for classifier-free guidance).
     """
 
-    def __init__(self, unet_config: dict[str, Any], num_classes: int = 10, seq_len: int = 8,
-                 c_noise_scale: float = 1000.0):
+    def __init__(
+        self, unet_config: dict[str, Any], num_classes: int = 10, seq_len: int = 8, c_noise_scale: float = 1000.0
+    ):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
@@ -274,16 +288,33 @@ class SDCondBackbone(nn.Module):
             self._pending = None
 
 
-SD_TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-                    norm_num_groups=32)
+SD_TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
 
-ADM_UNET = dict(sample_size=64, in_channels=3, out_channels=3, block_out_channels=(32, 64, 96, 128), layers_per_block=1,
-                down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                attention_head_dim=32, norm_num_groups=32, resnet_time_scale_shift="scale_shift",
-                downsample_type="resnet", upsample_type="resnet")
+ADM_UNET = dict(
+    sample_size=64,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64, 96, 128),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=32,
+    norm_num_groups=32,
+    resnet_time_scale_shift="scale_shift",
+    downsample_type="resnet",
+    upsample_type="resnet",
+)
 
 
 @dataclass
@@ -327,25 +358,49 @@ def build_network(name: str, guidance_scale: float = 1.0, seed: int = 0) -> Netw
     torch.manual_seed(seed)
     if name == "fashion_mnist":
         den = fashion_mnist_denoiser(seed)
-        return Network(name, Teacher(den, guidance_scale), random_images((1, 32, 32), 10), 32,
-                       f"configs/teacher.yaml UNet2DModel, 32x32x1, 10 classes, {count_params(den):,} params")
+        return Network(
+            name,
+            Teacher(den, guidance_scale),
+            random_images((1, 32, 32), 10),
+            32,
+            f"configs/teacher.yaml UNet2DModel, 32x32x1, 10 classes, {count_params(den):,} params",
+        )
     if name == "sd_tiny":
         den = EDMDenoiser(SDCondBackbone(SD_TINY_UNET, num_classes=10), sigma_data=0.5)
-        return Network(name, Teacher(den, guidance_scale), random_images((4, 16, 16), 10), 16,
-                       f"tiny SD-shaped UNet2DConditionModel, 16x16x4 latents, cross-attn 32, "
-                       f"{count_params(den.net.unet):,} params",
-                       {"code": "diffusers train_lcm_distill_sd_wds.py (58eb52c)", "objective": "lcm",
-                        "ratio": 1.94, "note": "0.344 s vs 0.177 s; includes text encoder (7 ms) and VAE (9 ms) "
-                        "in both steps, which diffdistill's latent benchmark has no counterpart for"})
+        return Network(
+            name,
+            Teacher(den, guidance_scale),
+            random_images((4, 16, 16), 10),
+            16,
+            f"tiny SD-shaped UNet2DConditionModel, 16x16x4 latents, cross-attn 32, "
+            f"{count_params(den.net.unet):,} params",
+            {
+                "code": "diffusers train_lcm_distill_sd_wds.py (58eb52c)",
+                "objective": "lcm",
+                "ratio": 1.94,
+                "note": "0.344 s vs 0.177 s; includes text encoder (7 ms) and VAE (9 ms) "
+                "in both steps, which diffdistill's latent benchmark has no counterpart for",
+            },
+        )
     if name == "adm_dmd2":
         den = EDMDenoiser(UNetBackbone(ADM_UNET, num_classes=1000), sigma_data=0.5)
-        return Network(name, Teacher(den, guidance_scale), random_images((3, 64, 64), 1000), 16,
-                       f"ADM-shaped UNet2DModel (DMD2 ImageNet-64 EDM net), 64x64x3, 1000 classes, "
-                       f"{count_params(den.net.unet):,} params",
-                       {"code": "tianweiy/DMD2 EDM loss code", "objective": "dmd (critic 5 : generator 1)",
-                        "ratio": [2.23, 2.29], "generator_turn": [1.86, 1.96], "critic_turn": [1.61, 1.67],
-                        "note": "with the diffusion-GAN term (classifier head on the fake UNet encoder), which "
-                        "diffdistill's DMD does not have yet"})
+        return Network(
+            name,
+            Teacher(den, guidance_scale),
+            random_images((3, 64, 64), 1000),
+            16,
+            f"ADM-shaped UNet2DModel (DMD2 ImageNet-64 EDM net), 64x64x3, 1000 classes, "
+            f"{count_params(den.net.unet):,} params",
+            {
+                "code": "tianweiy/DMD2 EDM loss code",
+                "objective": "dmd (critic 5 : generator 1)",
+                "ratio": [2.23, 2.29],
+                "generator_turn": [1.86, 1.96],
+                "critic_turn": [1.61, 1.67],
+                "note": "with the diffusion-GAN term (classifier head on the fake UNet encoder), which "
+                "diffdistill's DMD does not have yet",
+            },
+        )
     raise ValueError(f"unknown network '{name}' (fashion_mnist, sd_tiny, adm_dmd2)")
 
 

@@ -62,13 +62,19 @@ def _random_legacy_inception():
 def bench_extractors(quick: bool) -> list[dict]:
     from diffdistill.evaluation.extractors import CLIP, build_extractor
 
-    cases = [("random_cnn", lambda: build_extractor("random_cnn"), 512, "random (test extractor)"),
-             ("effnet_lite0", lambda: build_extractor("effnet_lite0"), 48, "pretrained (wheel)"),
-             ("effnet_lite0_128", lambda: build_extractor("effnet_lite0", input_size=128), 128, "pretrained (wheel)"),
-             ("effnet_lite0_96", lambda: build_extractor("effnet_lite0", input_size=96), 192, "pretrained (wheel)"),
-             ("inception_legacy_pytorch", _random_legacy_inception, 24, "random, same architecture (speed only)"),
-             ("clip_ViT-B-32-quickgelu", lambda: CLIP("ViT-B-32-quickgelu", pretrained=False), 32,
-              "random, same architecture (speed only)")]
+    cases = [
+        ("random_cnn", lambda: build_extractor("random_cnn"), 512, "random (test extractor)"),
+        ("effnet_lite0", lambda: build_extractor("effnet_lite0"), 48, "pretrained (wheel)"),
+        ("effnet_lite0_128", lambda: build_extractor("effnet_lite0", input_size=128), 128, "pretrained (wheel)"),
+        ("effnet_lite0_96", lambda: build_extractor("effnet_lite0", input_size=96), 192, "pretrained (wheel)"),
+        ("inception_legacy_pytorch", _random_legacy_inception, 24, "random, same architecture (speed only)"),
+        (
+            "clip_ViT-B-32-quickgelu",
+            lambda: CLIP("ViT-B-32-quickgelu", pretrained=False),
+            32,
+            "random, same architecture (speed only)",
+        ),
+    ]
     rows = []
     g = torch.Generator().manual_seed(0)
     for name, build, n, weights in cases:
@@ -79,9 +85,18 @@ def bench_extractors(quick: bool) -> list[dict]:
         bs = min(64, n)
         total = _rate(lambda ex=ex, imgs=imgs, bs=bs: ex.extract(imgs, batch_size=bs), n)
         prep = _rate(lambda ex=ex, imgs=imgs: ex.preprocess(imgs), n)
-        rows.append({"extractor": name, "weights": weights, "input_size": list(ex.input_size),
-                     "feature_dim": ex.feature_dim, "num_images": n, "batch_size": bs,
-                     "images_per_s": round(total, 2), "resize_only_images_per_s": round(prep, 1)})
+        rows.append(
+            {
+                "extractor": name,
+                "weights": weights,
+                "input_size": list(ex.input_size),
+                "feature_dim": ex.feature_dim,
+                "num_images": n,
+                "batch_size": bs,
+                "images_per_s": round(total, 2),
+                "resize_only_images_per_s": round(prep, 1),
+            }
+        )
         print(rows[-1])
     return rows
 
@@ -100,16 +115,26 @@ def bench_generation(quick: bool) -> list[dict]:
     den = edm_unet(**model_cfg)
     n_params = sum(p.numel() for p in den.parameters())
     teacher = Teacher(den)
-    cases = [("generator one-step", Generator.from_teacher(teacher, 80.0), {}, 128),
-             ("generator 4-step", Generator.from_teacher(teacher, 80.0, [80.0, 2.0, 0.5, 0.1]), {}, 64),
-             ("teacher Heun 18 steps (35 NFE)", teacher, {"steps": 18}, 8)]
+    cases = [
+        ("generator one-step", Generator.from_teacher(teacher, 80.0), {}, 128),
+        ("generator 4-step", Generator.from_teacher(teacher, 80.0, [80.0, 2.0, 0.5, 0.1]), {}, 64),
+        ("teacher Heun 18 steps (35 NFE)", teacher, {"steps": 18}, 8),
+    ]
     rows = []
     for name, model, kw, n in cases:
         if quick:
             n = max(4, n // 4)
         rate = _rate(lambda model=model, kw=kw, n=n: generate(model, n, seed=0, batch_size=min(64, n), **kw), n)
-        rows.append({"model": name, "architecture": "configs/teacher.yaml UNet (random weights)",
-                     "parameters": n_params, "resolution": 32, "num_images": n, "images_per_s": round(rate, 2)})
+        rows.append(
+            {
+                "model": name,
+                "architecture": "configs/teacher.yaml UNet (random weights)",
+                "parameters": n_params,
+                "resolution": 32,
+                "num_images": n,
+                "images_per_s": round(rate, 2),
+            }
+        )
         print(rows[-1])
     return rows
 
@@ -124,19 +149,31 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import diffdistill
 
-    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host_cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu",
-            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "diffdistill": getattr(diffdistill, "__version__", "0.1.0"), "platform": platform.platform()}
+    info = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host_cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffdistill": getattr(diffdistill, "__version__", "0.1.0"),
+        "platform": platform.platform(),
+    }
     for mod in ("timm", "open_clip", "numpy"):
         try:
             info[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001
             pass
-    result = {"benchmark": "eval_speed", "machine": info, "note": args.note,
-              "input": "uint8 32x32 grayscale (repeated to RGB, clean-fid resize to the extractor input)",
-              "feature_extraction": bench_extractors(args.quick), "generation": bench_generation(args.quick)}
+    result = {
+        "benchmark": "eval_speed",
+        "machine": info,
+        "note": args.note,
+        "input": "uint8 32x32 grayscale (repeated to RGB, clean-fid resize to the extractor input)",
+        "feature_extraction": bench_extractors(args.quick),
+        "generation": bench_generation(args.quick),
+    }
     result["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

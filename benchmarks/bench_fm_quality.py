@@ -129,7 +129,8 @@ def main() -> None:
     runs = Path(args.runs)
     for name in names:
         if not (RECIPES / f"{name}.yaml").exists():
-            result["skipped"].append({"objective": name, "why": f"no recipe configs/experiment/fashion_mnist/{name}.yaml"})
+            why = f"no recipe configs/experiment/fashion_mnist/{name}.yaml"
+            result["skipped"].append({"objective": name, "why": why})
             continue
         try:
             row, run_dir = train_one(name, args.budget_s, args.threads, runs)

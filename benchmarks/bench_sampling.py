@@ -79,8 +79,16 @@ def main() -> None:
         for w in (1.0, args.cfg):
             teacher.guidance_scale = w
             r = rate(lambda: heun_sample(teacher, z * sig[0], sig, cond), n, args.warmup, args.repeats)
-            rows.append({"model": "teacher", "sampler": f"Heun {args.heun_steps} steps", "nfe": nfe,
-                         "guidance_scale": w, "forward_batch": n if w == 1.0 else 2 * n, **r})
+            rows.append(
+                {
+                    "model": "teacher",
+                    "sampler": f"Heun {args.heun_steps} steps",
+                    "nfe": nfe,
+                    "guidance_scale": w,
+                    "forward_batch": n if w == 1.0 else 2 * n,
+                    **r,
+                }
+            )
             print(rows[-1], flush=True)
         teacher.guidance_scale = 1.0
         for name in sorted(OBJECTIVES):
@@ -90,22 +98,42 @@ def main() -> None:
             print(rows[-1], flush=True)
             for k, sigmas in FEW_STEP_SIGMAS.items():
                 noise = [torch.randn_like(z) for _ in sigmas[1:]]
-                r = rate(lambda gen=gen, sigmas=sigmas, noise=noise: multistep_sample(gen.denoise, z, sigmas, cond,
-                                                                                      noise=noise),
-                         n, args.warmup, args.repeats)
-                rows.append({"model": f"{name} student", "sampler": f"consistency multistep {k} steps", "nfe": k,
-                             "sigmas": sigmas, **r})
+                r = rate(
+                    lambda gen=gen, sigmas=sigmas, noise=noise: multistep_sample(
+                        gen.denoise, z, sigmas, cond, noise=noise
+                    ),
+                    n,
+                    args.warmup,
+                    args.repeats,
+                )
+                rows.append(
+                    {
+                        "model": f"{name} student",
+                        "sampler": f"consistency multistep {k} steps",
+                        "nfe": k,
+                        "sigmas": sigmas,
+                        **r,
+                    }
+                )
                 print(rows[-1], flush=True)
-    ref = {w: next(r["images_per_s"] for r in rows if r["model"] == "teacher" and r["guidance_scale"] == w)
-           for w in (1.0, args.cfg)}
+    ref = {
+        w: next(r["images_per_s"] for r in rows if r["model"] == "teacher" and r["guidance_scale"] == w)
+        for w in (1.0, args.cfg)
+    }
     for r in rows:
         if r["model"] != "teacher":
             r["speedup_vs_teacher"] = round(r["images_per_s"] / ref[1.0], 1)
             r["speedup_vs_teacher_cfg"] = round(r["images_per_s"] / ref[args.cfg], 1)
-    result = {"benchmark": "sampling", "machine": finish_info(info), "note": args.note,
-              "network": net.description, "parameters": count_params(teacher), "batch_size": n,
-              "teacher_sampler": f"EDM Heun, {args.heun_steps} steps ({nfe} NFE), karras sigmas (0.002, 80, rho 7)",
-              "rows": rows}
+    result = {
+        "benchmark": "sampling",
+        "machine": finish_info(info),
+        "note": args.note,
+        "network": net.description,
+        "parameters": count_params(teacher),
+        "batch_size": n,
+        "teacher_sampler": f"EDM Heun, {args.heun_steps} steps ({nfe} NFE), karras sigmas (0.002, 80, rho 7)",
+        "rows": rows,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

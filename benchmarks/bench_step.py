@@ -69,21 +69,23 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 }
 NOTES: dict[str, str] = {
     "cd": "distance=l2: the paper's LPIPS needs user-supplied VGG weights (never downloaded); LPIPS would add a "
-          "VGG forward/backward at 224 px that the pass count does not include",
+    "VGG forward/backward at 224 px that the pass count does not include",
     "lcm": "schedule = configs/schedule/karras.yaml (1000 levels), skipping step 20, DDIM teacher step with CFG "
-           "w ~ U[3, 15] (two teacher passes batched into one forward), guidance-embedded student",
+    "w ~ U[3, 15] (two teacher passes batched into one forward), guidance-embedded student",
     "scm": "sCD with autograd forward-mode JVP (torch.func.jvp, math SDPA kernel); pass count charges a JVP 3 "
-           "forwards; tangent warm-up does not change the cost",
+    "forwards; tangent warm-up does not change the cost",
     "dmd": "DMD (v1 schedule 1:1 by default): generator fwd+bwd, teacher + fake fwd (no grad), fake fwd+bwd; the "
-           "critic reuses the generator's samples of the same iteration; no GAN term",
+    "critic reuses the generator's samples of the same iteration; no GAN term",
     "ict": "consistency training: student fwd+bwd + stop-grad target fwd; teacher unused",
     "ect": "consistency tuning: student fwd+bwd + stop-grad target fwd; teacher unused",
 }
 # Extra named configurations per network: (label, objective, overrides).
 VARIANTS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
-    "fashion_mnist": [("dmd_cfg2", "dmd", {"real_guidance_scale": 2.0}),
-                      ("dmd_ttur5", "dmd", {"critic_steps_per_generator_step": 5}),
-                      ("scm_fd", "scm", {"jvp_backend": "finite_difference"})],
+    "fashion_mnist": [
+        ("dmd_cfg2", "dmd", {"real_guidance_scale": 2.0}),
+        ("dmd_ttur5", "dmd", {"critic_steps_per_generator_step": 5}),
+        ("scm_fd", "scm", {"jvp_backend": "finite_difference"}),
+    ],
     "sd_tiny": [],
     "adm_dmd2": [("dmd_ttur5", "dmd", {"critic_steps_per_generator_step": 5})],
 }
@@ -117,8 +119,11 @@ def objective_node(name: str, overrides: dict[str, Any]):
     """The objective's shipped config (``configs/objective/<name>.yaml``) with the benchmark's overrides."""
     path = ROOT / "configs" / "objective" / f"{name}.yaml"
     cls = OBJECTIVES[name]
-    node = OmegaConf.load(path) if path.exists() else OmegaConf.create(
-        {"_target_": f"{cls.__module__}.{cls.__qualname__}", "_partial_": True})
+    node = (
+        OmegaConf.load(path)
+        if path.exists()
+        else OmegaConf.create({"_target_": f"{cls.__module__}.{cls.__qualname__}", "_partial_": True})
+    )
     return OmegaConf.merge(node, OVERRIDES.get(name, {}), overrides)
 
 
@@ -135,8 +140,9 @@ def enable_checkpointing(trainer: DistillTrainer) -> int:
     return n
 
 
-def make_trainer(net: Network, objective: str | None, overrides: dict[str, Any], args, run_dir: str,
-                 mode: str = "full") -> DistillTrainer:
+def make_trainer(
+    net: Network, objective: str | None, overrides: dict[str, Any], args, run_dir: str, mode: str = "full"
+) -> DistillTrainer:
     """A trainer for ``objective`` (``None``: the fine-tune reference) on a fresh student copy of ``net.teacher``."""
     teacher = net.teacher
     if objective is None:
@@ -153,9 +159,19 @@ def make_trainer(net: Network, objective: str | None, overrides: dict[str, Any],
 
             schedule = instantiate(OmegaConf.load(ROOT / "configs" / "schedule" / "karras.yaml"))
         obj = make_objective(objective_node(objective, overrides), cls, teacher, roles, schedule)
-    tcfg = TrainerConfig(max_steps=10**9, batch_size=net.batch_size, grad_clip=10.0, ema_decays=[0.999],
-                         device=args.device, mixed_precision=args.mixed_precision, sample_every=0,
-                         checkpoint_every=0, channels_last=args.channels_last, compile=args.compile, seed=0)
+    tcfg = TrainerConfig(
+        max_steps=10**9,
+        batch_size=net.batch_size,
+        grad_clip=10.0,
+        ema_decays=[0.999],
+        device=args.device,
+        mixed_precision=args.mixed_precision,
+        sample_every=0,
+        checkpoint_every=0,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        seed=0,
+    )
     optim = OptimizerSpec(lr=1e-6, warmup_steps=1, fused=args.fused)
     trainer = DistillTrainer(obj, roles, teacher, net.dataset, run_dir, tcfg, optim)
     if mode == "checkpointing" and enable_checkpointing(trainer) == 0:
@@ -181,13 +197,27 @@ def paired_ratio(obj_step, ref_step, group: int, warmup: int, repeats: int, devi
         ratios.append(t_obj / t_ref)
         obj_ms.append(t_obj)
         ref_ms.append(t_ref)
-    return {"ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "objective_ms_median": statistics.median(obj_ms), "finetune_ms_median": statistics.median(ref_ms),
-            "pairs": repeats}
+    return {
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "objective_ms_median": statistics.median(obj_ms),
+        "finetune_ms_median": statistics.median(ref_ms),
+        "pairs": repeats,
+    }
 
 
-def measure(net: Network, label: str, objective: str | None, overrides: dict[str, Any], args, mode: str,
-            timing: bool, memory: bool, ref: DistillTrainer | None = None) -> dict[str, Any]:
+def measure(
+    net: Network,
+    label: str,
+    objective: str | None,
+    overrides: dict[str, Any],
+    args,
+    mode: str,
+    timing: bool,
+    memory: bool,
+    ref: DistillTrainer | None = None,
+) -> dict[str, Any]:
     """Time and/or measure the memory of one (network, objective, mode) case in this process; with ``ref`` (a
     fine-tune trainer) also the paired ratio to it."""
     row: dict[str, Any] = {"label": label, "objective": objective or FINETUNE, "mode": mode}
@@ -195,8 +225,11 @@ def measure(net: Network, label: str, objective: str | None, overrides: dict[str
         trainer = make_trainer(net, objective, overrides, args, tmp, mode)
         r = cycle(trainer)
         pc = trainer.objective.pass_count()
-        row.update(pass_count={k: getattr(pc, k) for k in ("forward", "forward_grad", "backward", "jvp")},
-                   pass_cost=pc.cost(), update_cycle=r)
+        row.update(
+            pass_count={k: getattr(pc, k) for k in ("forward", "forward_grad", "backward", "jvp")},
+            pass_cost=pc.cost(),
+            update_cycle=r,
+        )
         warm = r * math.ceil(args.warmup / r)
         if timing:
             row["time"] = time_calls(trainer.train_step, warm, args.repeats, trainer.device, group=r)
@@ -206,14 +239,21 @@ def measure(net: Network, label: str, objective: str | None, overrides: dict[str
             if not timing:
                 for _ in range(r):
                     trainer.train_step()
-            objs = [trainer.roles, trainer.optimizers, [e.module for e in trainer.emas.values()], trainer.teacher,
-                    trainer.objective.auxiliary_modules()]
+            objs = [
+                trainer.roles,
+                trainer.optimizers,
+                [e.module for e in trainer.emas.values()],
+                trainer.teacher,
+                trainer.objective.auxiliary_modules(),
+            ]
             static = tensor_bytes(*objs)
             with PeakMemory(trainer.device) as pm:
                 for _ in range(r):
                     trainer.train_step()
-            row["memory_mib"] = {"static": round(static / 2**20, 2),
-                                 "step_peak_above_static": None if pm.peak_mib is None else round(pm.peak_mib, 2)}
+            row["memory_mib"] = {
+                "static": round(static / 2**20, 2),
+                "step_peak_above_static": None if pm.peak_mib is None else round(pm.peak_mib, 2),
+            }
             if pm.peak_mib is not None:
                 row["memory_mib"]["total_peak"] = round(static / 2**20 + pm.peak_mib, 2)
         row["skipped_updates"] = trainer.nonfinite["skipped"]
@@ -233,12 +273,21 @@ def cases(net_name: str, wanted: list[str] | None) -> list[tuple[str, str, dict[
 def run_network(net_name: str, args) -> dict[str, Any]:
     net = build_network(net_name)
     print(f"== {net_name}: {net.description}, batch {net.batch_size}", flush=True)
-    res: dict[str, Any] = {"network": net_name, "description": net.description, "batch_size": net.batch_size,
-                           "peer": net.peer, "objectives": [],
-                           "measured": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                        "load_average_at_start": list(os.getloadavg()),
-                                        "torch_threads": torch.get_num_threads(), "warmup": args.warmup,
-                                        "repeats": args.repeats, "concurrent_runs": concurrent_runs()}}
+    res: dict[str, Any] = {
+        "network": net_name,
+        "description": net.description,
+        "batch_size": net.batch_size,
+        "peer": net.peer,
+        "objectives": [],
+        "measured": {
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "load_average_at_start": list(os.getloadavg()),
+            "torch_threads": torch.get_num_threads(),
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "concurrent_runs": concurrent_runs(),
+        },
+    }
     base0 = measure(net, FINETUNE, None, {}, args, "full", timing=True, memory=args.memory)
     print(f"  finetune: {base0['time']['median_ms']:.1f} ms", flush=True)
     ref_dir = tempfile.TemporaryDirectory()
@@ -257,17 +306,24 @@ def run_network(net_name: str, args) -> dict[str, Any]:
         if name in NOTES:
             row["note"] = NOTES[name]
         rows.append(row)
-        print(f"  {label}: {row['time']['median_ms']:.1f} ms (x{row['update_cycle']} cycle), paired ratio "
-              f"{row['paired']['ratio_median']:.3f}, pass cost {row['pass_cost']:.2f}, mem {row.get('memory_mib')}",
-              flush=True)
+        print(
+            f"  {label}: {row['time']['median_ms']:.1f} ms (x{row['update_cycle']} cycle), paired ratio "
+            f"{row['paired']['ratio_median']:.3f}, pass cost {row['pass_cost']:.2f}, mem {row.get('memory_mib')}",
+            flush=True,
+        )
     del ref
     ref_dir.cleanup()
     base1 = measure(net, FINETUNE, None, {}, args, "full", timing=True, memory=False)
     ft_ms = 0.5 * (base0["time"]["median_ms"] + base1["time"]["median_ms"])
     t0, t1 = base0["time"]["median_ms"], base1["time"]["median_ms"]
-    res["finetune"] = {"ms_before": round(t0, 2), "ms_after": round(t1, 2), "ms": round(ft_ms, 2),
-                       "pass_cost": base0["pass_cost"], "memory_mib": base0.get("memory_mib"),
-                       "drift": round(t1 / t0 - 1, 3)}
+    res["finetune"] = {
+        "ms_before": round(t0, 2),
+        "ms_after": round(t1, 2),
+        "ms": round(ft_ms, 2),
+        "pass_cost": base0["pass_cost"],
+        "memory_mib": base0.get("memory_mib"),
+        "drift": round(t1 / t0 - 1, 3),
+    }
     for row in rows:
         if "time" in row:
             row["ms_per_iteration"] = round(row["time"]["median_ms"], 2)
@@ -288,16 +344,21 @@ def run_network(net_name: str, args) -> dict[str, Any]:
             if "time" in row:
                 row["ms_per_iteration"] = round(row["time"]["median_ms"], 2)
                 row["ratio_to_full_finetune"] = round(row["time"]["median_ms"] / ft_ms, 3)
-                print(f"  [ckpt] {row['label']}: {row['ms_per_iteration']:.1f} ms, mem {row.get('memory_mib')}",
-                      flush=True)
+                print(
+                    f"  [ckpt] {row['label']}: {row['ms_per_iteration']:.1f} ms, mem {row.get('memory_mib')}",
+                    flush=True,
+                )
         res["checkpointing"] = ck_rows
     res["objectives"] = rows
     res["measured"]["load_average_at_end"] = list(os.getloadavg())
     if net.peer and PEER_ROW.get(net_name):
         ours = next((r for r in rows if r["label"] == PEER_ROW[net_name] and "measured_ratio" in r), None)
-        res["peer_comparison"] = {"peer": net.peer, "diffdistill_row": PEER_ROW[net_name],
-                                  "diffdistill_ratio": ours and ours["measured_ratio"],
-                                  "diffdistill_estimate": ours and ours["estimate_ratio"]}
+        res["peer_comparison"] = {
+            "peer": net.peer,
+            "diffdistill_row": PEER_ROW[net_name],
+            "diffdistill_ratio": ours and ours["measured_ratio"],
+            "diffdistill_estimate": ours and ours["estimate_ratio"],
+        }
     return res
 
 
@@ -316,9 +377,11 @@ def teacher_inference_mode(net: Network, repeats: int) -> dict[str, Any]:
     x, sigma = batch.x0, torch.full((net.batch_size,), 1.0)
     out = {}
     for label, ctx in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
+
         def fwd(ctx=ctx):
             with ctx():
                 return t(x, sigma, batch.cond)
+
         out[label + "_ms"] = round(time_calls(fwd, 2, repeats)["median_ms"], 2)
     with torch.no_grad():
         a = t(x, sigma, batch.cond)
@@ -343,17 +406,31 @@ def speed_study(args) -> dict[str, Any]:
             except Exception as e:  # noqa: BLE001
                 rows.append({"label": label, "option": opt, "error": f"{type(e).__name__}: {e}"})
                 continue
-            rows.append({"label": label, "option": opt, "ms_per_iteration": round(row["time"]["median_ms"], 2),
-                         "first_call_ms": round(row["time"]["first_call_ms"], 1)})
-            print(f"  [speed] {label} {opt}: {rows[-1]['ms_per_iteration']} ms (first {rows[-1]['first_call_ms']})",
-                  flush=True)
+            rows.append(
+                {
+                    "label": label,
+                    "option": opt,
+                    "ms_per_iteration": round(row["time"]["median_ms"], 2),
+                    "first_call_ms": round(row["time"]["first_call_ms"], 1),
+                }
+            )
+            print(
+                f"  [speed] {label} {opt}: {rows[-1]['ms_per_iteration']} ms (first {rows[-1]['first_call_ms']})",
+                flush=True,
+            )
     for row in rows:
-        ref = next((r for r in rows if r["label"] == row["label"] and r["option"] == "default"
-                    and "ms_per_iteration" in r), None)
+        ref = next(
+            (r for r in rows if r["label"] == row["label"] and r["option"] == "default" and "ms_per_iteration" in r),
+            None,
+        )
         if ref and "ms_per_iteration" in row:
             row["speedup_vs_default"] = round(ref["ms_per_iteration"] / row["ms_per_iteration"], 3)
-    return {"network": net.name, "batch_size": net.batch_size, "rows": rows,
-            "teacher_forward": teacher_inference_mode(net, args.repeats)}
+    return {
+        "network": net.name,
+        "batch_size": net.batch_size,
+        "rows": rows,
+        "teacher_forward": teacher_inference_mode(net, args.repeats),
+    }
 
 
 def main() -> None:
@@ -375,8 +452,11 @@ def main() -> None:
     ap.add_argument("--study-compile", action="store_true", help="include torch.compile in the speed study")
     ap.add_argument("--quick", action="store_true", help="1 warm-up, 2 repeats (smoke run)")
     ap.add_argument("--note", default="")
-    ap.add_argument("--append", action="store_true",
-                    help="keep the other networks (and speed study) of an existing --out file, replace these")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the other networks (and speed study) of an existing --out file, replace these",
+    )
     ap.add_argument("--out", default=str(RESULTS / "step_cost_cpu.json"))
     args = ap.parse_args()
     if args.threads:
@@ -389,14 +469,24 @@ def main() -> None:
     logging.getLogger("diffdistill").setLevel(logging.ERROR)
     info = machine_info(args.device)
     result: dict[str, Any] = {
-        "benchmark": "step_cost", "machine": info, "note": args.note,
-        "settings": {"warmup_iterations": args.warmup, "repeats": args.repeats, "statistic": "median over repeats of "
-                     "the mean iteration time of one update cycle", "optimizer": "AdamW (lr 1e-6), clip 10, one EMA "
-                     "track 0.999", "fused": args.fused, "channels_last": args.channels_last,
-                     "compile": args.compile, "mixed_precision": args.mixed_precision,
-                     "finetune_reference": "EDM loss (log-normal sigma, P_mean -1.2, P_std 1.2), same trainer",
-                     "estimate": "pass_count().cost() / 3 (F = 1 forward, backward = 2F, JVP = 3F)"},
-        "registry": sorted(OBJECTIVES), "networks": []}
+        "benchmark": "step_cost",
+        "machine": info,
+        "note": args.note,
+        "settings": {
+            "warmup_iterations": args.warmup,
+            "repeats": args.repeats,
+            "statistic": "median over repeats of the mean iteration time of one update cycle",
+            "optimizer": "AdamW (lr 1e-6), clip 10, one EMA track 0.999",
+            "fused": args.fused,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+            "mixed_precision": args.mixed_precision,
+            "finetune_reference": "EDM loss (log-normal sigma, P_mean -1.2, P_std 1.2), same trainer",
+            "estimate": "pass_count().cost() / 3 (F = 1 forward, backward = 2F, JVP = 3F)",
+        },
+        "registry": sorted(OBJECTIVES),
+        "networks": [],
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.append and out.exists():

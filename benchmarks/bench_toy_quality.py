@@ -53,9 +53,9 @@ def toy_overrides(iters: int) -> dict[str, dict[str, Any]]:
 
 NOTES = {
     "dmd": "fake score: a randomly initialised MLP of the student's shape (an analytic teacher cannot be copied into "
-           "a trainable fake score); critic 5 : generator 1",
+    "a trainable fake score); critic 5 : generator 1",
     "ect": "ECT tunes a pretrained diffusion model; here the student starts from random weights (consistency "
-           "training from scratch)",
+    "training from scratch)",
     "ict": "consistency training from scratch (its defining setting)",
 }
 
@@ -69,8 +69,18 @@ def compose(name: str, iters: int, batch: int, lr: float, seed: int):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = hydra_compose("train", overrides=["~experiment", "backbone=analytic", "data=toy_gmm", f"objective={name}",
-                                                 "schedule=toy", "trainer.device=cpu", "eval=none"])
+        cfg = hydra_compose(
+            "train",
+            overrides=[
+                "~experiment",
+                "backbone=analytic",
+                "data=toy_gmm",
+                f"objective={name}",
+                "schedule=toy",
+                "trainer.device=cpu",
+                "eval=none",
+            ],
+        )
     with open_dict(cfg):
         cfg.objective = OmegaConf.merge(cfg.objective, toy_overrides(iters).get(name, {}))
         cfg.trainer.max_steps, cfg.trainer.batch_size, cfg.trainer.seed = iters, batch, seed
@@ -81,8 +91,13 @@ def compose(name: str, iters: int, batch: int, lr: float, seed: int):
 
 
 def mlp_config(sigma_data: float) -> dict[str, Any]:
-    return {"_target_": "diffdistill.models.builders.edm_mlp", "dim": 2, "hidden": 128, "depth": 3,
-            "sigma_data": sigma_data}
+    return {
+        "_target_": "diffdistill.models.builders.edm_mlp",
+        "dim": 2,
+        "hidden": 128,
+        "depth": 3,
+        "sigma_data": sigma_data,
+    }
 
 
 def pretrain_mlp(dataset, sigma_data: float, iters: int, seed: int = 0):
@@ -153,8 +168,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--objectives", nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
-                    help="student init: a diffusion MLP pretrained on the toy (a teacher copy's stand-in) or random")
+    ap.add_argument(
+        "--init",
+        choices=("pretrained", "random"),
+        default="pretrained",
+        help="student init: a diffusion MLP pretrained on the toy (a teacher copy's stand-in) or random",
+    )
     ap.add_argument("--pretrain-iters", type=int, default=3000)
     ap.add_argument("--note", default="")
     ap.add_argument("--out", default=str(RESULTS / "toy_quality.json"))
@@ -180,8 +199,11 @@ def main() -> None:
     true_b, _ = teacher_den.sample(args.num_eval, torch.Generator().manual_seed(2))
     sig = karras_sigmas(18, teacher_den.sigma_min, teacher_den.sigma_max, append_zero=True)
     teacher_x = heun_sample(teacher_den, z * sig[0], sig, Conditioning())
-    refs = {"true_vs_true_floor": sliced_w2(true_a, true_b, dirs), "teacher_heun18": sliced_w2(teacher_x, true_a, dirs),
-            "noise_prior_at_sigma_data": sliced_w2(z * teacher_den.sigma_data, true_a, dirs)}
+    refs = {
+        "true_vs_true_floor": sliced_w2(true_a, true_b, dirs),
+        "teacher_heun18": sliced_w2(teacher_x, true_a, dirs),
+        "noise_prior_at_sigma_data": sliced_w2(z * teacher_den.sigma_data, true_a, dirs),
+    }
     init = None
     if args.init == "pretrained":
         t0 = time.perf_counter()
@@ -193,8 +215,11 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for name in names:
         cfg = compose(name, args.iters, args.batch, args.lr, args.seed)
-        row: dict[str, Any] = {"objective": name, "overrides": toy_overrides(args.iters).get(name, {}),
-                               "note": NOTES.get(name, "")}
+        row: dict[str, Any] = {
+            "objective": name,
+            "overrides": toy_overrides(args.iters).get(name, {}),
+            "note": NOTES.get(name, ""),
+        }
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 trainer, _, _ = build(cfg, tmp, init)
@@ -207,10 +232,15 @@ def main() -> None:
                         ema = trainer.ema_generator()
                         x_on, x_ema = gen(z), ema(z)
                     d_on, d_ema = sliced_w2(x_on, true_a, dirs), sliced_w2(x_ema, true_a, dirs)
-                    curve.append({"iteration": it, "train_seconds": round(train_s, 3),
-                                  "network_passes": round(it * row["pass_cost_per_iteration"], 1),
-                                  "sw2_ema": round(d_ema, 5) if math.isfinite(d_ema) else None,
-                                  "sw2_online": round(d_on, 5) if math.isfinite(d_on) else None})
+                    curve.append(
+                        {
+                            "iteration": it,
+                            "train_seconds": round(train_s, 3),
+                            "network_passes": round(it * row["pass_cost_per_iteration"], 1),
+                            "sw2_ema": round(d_ema, 5) if math.isfinite(d_ema) else None,
+                            "sw2_online": round(d_on, 5) if math.isfinite(d_on) else None,
+                        }
+                    )
 
                 evaluate(0, 0.0)
                 for it in range(1, args.iters + 1):
@@ -219,11 +249,15 @@ def main() -> None:
                     train_s += time.perf_counter() - t0
                     if it % args.eval_every == 0 or it == args.iters:
                         evaluate(it, train_s)
-                row.update(curve=curve, train_seconds=round(train_s, 2),
-                           ms_per_iteration=round(1000 * train_s / args.iters, 3),
-                           final_sw2_ema=curve[-1]["sw2_ema"], final_sw2_online=curve[-1]["sw2_online"],
-                           best_sw2_ema=min((c["sw2_ema"] for c in curve if c["sw2_ema"] is not None), default=None),
-                           skipped_updates=trainer.nonfinite["skipped"])
+                row.update(
+                    curve=curve,
+                    train_seconds=round(train_s, 2),
+                    ms_per_iteration=round(1000 * train_s / args.iters, 3),
+                    final_sw2_ema=curve[-1]["sw2_ema"],
+                    final_sw2_online=curve[-1]["sw2_online"],
+                    best_sw2_ema=min((c["sw2_ema"] for c in curve if c["sw2_ema"] is not None), default=None),
+                    skipped_updates=trainer.nonfinite["skipped"],
+                )
                 print(f"{name}: final SW2 (EMA) {row['final_sw2_ema']}, {row['ms_per_iteration']} ms/it", flush=True)
         except Exception as e:  # noqa: BLE001  (an objective that cannot run on the toy is reported, not fatal)
             row["error"] = f"{type(e).__name__}: {e}"
@@ -231,15 +265,28 @@ def main() -> None:
         rows.append(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "toy_quality", "machine": finish_info(info), "note": args.note,
-              "setup": {"data": "toy_gmm (8 Gaussians on a circle of radius 2, std 0.1, 2-D)",
-                        "teacher": "analytic mixture denoiser", "student": mlp_config(float(teacher_den.sigma_data)),
-                        "iterations": args.iters, "batch_size": args.batch, "optimizer": f"AdamW lr {args.lr}, wd 0",
-                        "metric": f"sliced Wasserstein-2, 128 directions, {args.num_eval} one-step samples vs "
-                                  "true samples", "ema_decay": 0.99, "torch_threads": torch.get_num_threads(),
-                        "init": args.init if init is None else f"pretrained diffusion MLP ({args.pretrain_iters} EDM "
-                        f"iterations, batch 512, Adam 1e-3 cosine, {pretrain_s:.1f} s, excluded from the timings)"},
-              "references": {k: round(v, 5) for k, v in refs.items()}, "objectives": rows}
+    result = {
+        "benchmark": "toy_quality",
+        "machine": finish_info(info),
+        "note": args.note,
+        "setup": {
+            "data": "toy_gmm (8 Gaussians on a circle of radius 2, std 0.1, 2-D)",
+            "teacher": "analytic mixture denoiser",
+            "student": mlp_config(float(teacher_den.sigma_data)),
+            "iterations": args.iters,
+            "batch_size": args.batch,
+            "optimizer": f"AdamW lr {args.lr}, wd 0",
+            "metric": f"sliced Wasserstein-2, 128 directions, {args.num_eval} one-step samples vs true samples",
+            "ema_decay": 0.99,
+            "torch_threads": torch.get_num_threads(),
+            "init": args.init
+            if init is None
+            else f"pretrained diffusion MLP ({args.pretrain_iters} EDM "
+            f"iterations, batch 512, Adam 1e-3 cosine, {pretrain_s:.1f} s, excluded from the timings)",
+        },
+        "references": {k: round(v, 5) for k, v in refs.items()},
+        "objectives": rows,
+    }
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -1,6 +1,6 @@
 """Print the committed benchmark results as the Markdown tables of ``benchmarks/README.md``.
 
-    python benchmarks/summarize.py [--results benchmarks/results]
+python benchmarks/summarize.py [--results benchmarks/results]
 """
 
 from __future__ import annotations
@@ -18,61 +18,88 @@ def _load(path: Path) -> dict[str, Any] | None:
 def _machine(r: dict[str, Any]) -> str:
     m = r["machine"]
     flag = " **measured under contention**" if m.get("measured_under_contention") else ""
-    return (f"_{m['date']}, {m['host_cpu']}, {m['cpu_count']} cores, torch {m['torch']} "
-            f"({m['torch_threads']} threads), {m['device']}, {m.get('precision', 'fp32')}, "
-            f"load {m['load_average_at_start'][0]:.2f}{flag}_")
+    return (
+        f"_{m['date']}, {m['host_cpu']}, {m['cpu_count']} cores, torch {m['torch']} "
+        f"({m['torch_threads']} threads), {m['device']}, {m.get('precision', 'fp32')}, "
+        f"load {m['load_average_at_start'][0]:.2f}{flag}_"
+    )
 
 
 def step_tables(r: dict[str, Any]) -> list[str]:
     out = [_machine(r), ""]
     for net in r["networks"]:
         ft = net["finetune"]
-        out += [f"**{net['network']}**: {net['description']}, batch {net['batch_size']}; fine-tune step "
-                f"{ft['ms']:.0f} ms (before {ft['ms_before']:.0f}, after {ft['ms_after']:.0f})", "",
-                "| objective | ms / iteration | measured ratio | pass-count estimate | overhead beyond passes | "
-                "static MiB | step peak MiB (full / checkpointing) |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
+        out += [
+            f"**{net['network']}**: {net['description']}, batch {net['batch_size']}; fine-tune step "
+            f"{ft['ms']:.0f} ms (before {ft['ms_before']:.0f}, after {ft['ms_after']:.0f})",
+            "",
+            "| objective | ms / iteration | measured ratio | pass-count estimate | overhead beyond passes | "
+            "static MiB | step peak MiB (full / checkpointing) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         ck = {c["label"]: c for c in net.get("checkpointing", [])}
         ftm = (ft.get("memory_mib") or {}).get("step_peak_above_static")
         ftc = (ck.get("finetune", {}).get("memory_mib") or {}).get("step_peak_above_static")
-        out.append(f"| fine-tune (reference) | {ft['ms']:.0f} | 1.00 | 1.00 | - | "
-                   f"{(ft.get('memory_mib') or {}).get('static', '-')} | {ftm} / {ftc} |")
+        out.append(
+            f"| fine-tune (reference) | {ft['ms']:.0f} | 1.00 | 1.00 | - | "
+            f"{(ft.get('memory_mib') or {}).get('static', '-')} | {ftm} / {ftc} |"
+        )
         for row in net["objectives"]:
             if "error" in row:
                 out.append(f"| {row['label']} | failed: {row['error'][:60]} | | | | | |")
                 continue
             mem = row.get("memory_mib") or {}
             cm = (ck.get(row["label"], {}).get("memory_mib") or {}).get("step_peak_above_static")
-            out.append(f"| {row['label']} | {row['ms_per_iteration']:.0f} | {row['measured_ratio']:.2f} | "
-                       f"{row['estimate_ratio']:.2f} | {100 * row['overhead_beyond_passes']:+.0f}% | "
-                       f"{mem.get('static', '-')} | {mem.get('step_peak_above_static', '-')} / {cm} |")
+            out.append(
+                f"| {row['label']} | {row['ms_per_iteration']:.0f} | {row['measured_ratio']:.2f} | "
+                f"{row['estimate_ratio']:.2f} | {100 * row['overhead_beyond_passes']:+.0f}% | "
+                f"{mem.get('static', '-')} | {mem.get('step_peak_above_static', '-')} / {cm} |"
+            )
         pc = net.get("peer_comparison")
         if pc:
             peer = pc["peer"]
-            out += ["", f"Peer on this network: {peer['code']} ({peer['objective']}) **{peer['ratio']}x**; "
-                        f"diffdistill `{pc['diffdistill_row']}` **{pc['diffdistill_ratio']}x** "
-                        f"(estimate {pc['diffdistill_estimate']}x). {peer['note']}."]
+            out += [
+                "",
+                f"Peer on this network: {peer['code']} ({peer['objective']}) **{peer['ratio']}x**; "
+                f"diffdistill `{pc['diffdistill_row']}` **{pc['diffdistill_ratio']}x** "
+                f"(estimate {pc['diffdistill_estimate']}x). {peer['note']}.",
+            ]
         out.append("")
     so = r.get("speed_options")
     if so:
-        out += [f"**Speed options** ({so['network']}, batch {so['batch_size']})", "",
-                "| step | option | ms / iteration | speed-up | first call ms |", "|---|---|---:|---:|---:|"]
+        out += [
+            f"**Speed options** ({so['network']}, batch {so['batch_size']})",
+            "",
+            "| step | option | ms / iteration | speed-up | first call ms |",
+            "|---|---|---:|---:|---:|",
+        ]
         for row in so["rows"]:
             if "error" in row:
                 out.append(f"| {row['label']} | {row['option']} | failed | | |")
             else:
-                out.append(f"| {row['label']} | {row['option']} | {row['ms_per_iteration']:.0f} | "
-                           f"{row.get('speedup_vs_default', '-')} | {row['first_call_ms']:.0f} |")
+                out.append(
+                    f"| {row['label']} | {row['option']} | {row['ms_per_iteration']:.0f} | "
+                    f"{row.get('speedup_vs_default', '-')} | {row['first_call_ms']:.0f} |"
+                )
         tf = so.get("teacher_forward")
         if tf:
-            out += ["", f"Teacher no-grad forward: `no_grad` {tf['no_grad_ms']} ms, `inference_mode` "
-                        f"{tf['inference_mode_ms']} ms (identical outputs: {tf['identical_outputs']})."]
+            out += [
+                "",
+                f"Teacher no-grad forward: `no_grad` {tf['no_grad_ms']} ms, `inference_mode` "
+                f"{tf['inference_mode_ms']} ms (identical outputs: {tf['identical_outputs']}).",
+            ]
     return out
 
 
 def sampling_table(r: dict[str, Any]) -> list[str]:
-    out = [_machine(r), "", f"{r['network']}, batch {r['batch_size']}", "",
-           "| model | sampler | NFE | images/s | speed-up vs teacher (no CFG / CFG) |", "|---|---|---:|---:|---:|"]
+    out = [
+        _machine(r),
+        "",
+        f"{r['network']}, batch {r['batch_size']}",
+        "",
+        "| model | sampler | NFE | images/s | speed-up vs teacher (no CFG / CFG) |",
+        "|---|---|---:|---:|---:|",
+    ]
     for row in r["rows"]:
         su = "-" if row["model"] == "teacher" else f"{row['speedup_vs_teacher']}x / {row['speedup_vs_teacher_cfg']}x"
         name = row["model"] + (f" (w={row['guidance_scale']})" if "guidance_scale" in row else "")
@@ -82,15 +109,22 @@ def sampling_table(r: dict[str, Any]) -> list[str]:
 
 def toy_table(r: dict[str, Any]) -> list[str]:
     refs = r["references"]
-    out = [_machine(r), "", "References (SW2): " + ", ".join(f"{k} {v}" for k, v in refs.items()), "",
-           "| objective | ms / iteration | SW2 at 0 | SW2 final (EMA) | best SW2 (EMA) | final SW2 (online) |",
-           "|---|---:|---:|---:|---:|---:|"]
+    out = [
+        _machine(r),
+        "",
+        "References (SW2): " + ", ".join(f"{k} {v}" for k, v in refs.items()),
+        "",
+        "| objective | ms / iteration | SW2 at 0 | SW2 final (EMA) | best SW2 (EMA) | final SW2 (online) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for row in r["objectives"]:
         if "error" in row:
             out.append(f"| {row['objective']} | cannot run: {row['error'][:70]} | | | | |")
             continue
-        out.append(f"| {row['objective']} | {row['ms_per_iteration']:.1f} | {row['curve'][0]['sw2_ema']} | "
-                   f"{row['final_sw2_ema']} | {row['best_sw2_ema']} | {row['final_sw2_online']} |")
+        out.append(
+            f"| {row['objective']} | {row['ms_per_iteration']:.1f} | {row['curve'][0]['sw2_ema']} | "
+            f"{row['final_sw2_ema']} | {row['best_sw2_ema']} | {row['final_sw2_online']} |"
+        )
     return out
 
 
@@ -98,8 +132,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     d = Path(ap.parse_args().results)
-    for fname, fn in (("step_cost_cpu.json", step_tables), ("sampling_cpu.json", sampling_table),
-                      ("toy_quality.json", toy_table)):
+    for fname, fn in (
+        ("step_cost_cpu.json", step_tables),
+        ("sampling_cpu.json", sampling_table),
+        ("toy_quality.json", toy_table),
+    ):
         r = _load(d / fname)
         if r is not None:
             print(f"### {fname}\n")

@@ -414,11 +414,7 @@ class DistillTrainer:
                     last = logs
                 if c.sample_every and (self.step % c.sample_every == 0 or end):
                     logger.log(self.step, self.sample_grid(), kind="samples")
-                if (
-                    self.evaluator is not None
-                    and c.eval_every
-                    and (self.step % c.eval_every == 0 or end)
-                ):
+                if self.evaluator is not None and c.eval_every and (self.step % c.eval_every == 0 or end):
                     with torch.random.fork_rng():
                         metrics = self.evaluator(self.ema_generator(), self.step)
                     logger.log(self.step, metrics, kind="eval")

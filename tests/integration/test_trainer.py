@@ -81,7 +81,8 @@ def _train_records(run_dir):
 
 def test_time_budget_stops_checkpoints_and_survives_resume(tmp_path):
     """trainer.max_time_s ends the run early with a final log, grid and checkpoint; a resume keeps the count."""
-    cfg = _toy(tmp_path, 10**6, ["trainer.max_time_s=0.5", "trainer.checkpoint_every=1000000", "trainer.sample_every=0"])
+    once = ["trainer.max_time_s=0.5", "trainer.checkpoint_every=1000000", "trainer.sample_every=0"]
+    cfg = _toy(tmp_path, 10**6, once)
     trainer = build_trainer(cfg)
     trainer.fit()
     first = load_checkpoint(tmp_path / "checkpoints" / "last.pt")

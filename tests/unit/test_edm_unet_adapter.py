@@ -40,7 +40,8 @@ def test_edm_preconditioning_and_250_log_sigma_timestep(folder, sigma, no_networ
     unet = UNet2DModel.from_pretrained(folder)
     x, y = torch.randn(2, 3, 8, 8) * math.sqrt(sigma**2 + 0.25), torch.tensor([1, 3])
     sd = 0.5
-    c_skip, c_out, c_in = sd**2 / (sigma**2 + sd**2), sigma * sd / math.sqrt(sigma**2 + sd**2), 1 / math.sqrt(sigma**2 + sd**2)
+    c_in = 1 / math.sqrt(sigma**2 + sd**2)
+    c_skip, c_out = sd**2 * c_in**2, sigma * sd * c_in
     with torch.no_grad():
         F = unet(c_in * x, torch.full((2,), 250 * math.log(sigma)), class_labels=y).sample
         ours = den(x, torch.full((2,), sigma), Conditioning(class_labels=y))
