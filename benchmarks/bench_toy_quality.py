@@ -39,15 +39,23 @@ from diffdistill.models.conditioning import Conditioning
 from diffdistill.objectives.base import OBJECTIVES
 
 
-def toy_overrides(iters: int) -> dict[str, dict[str, Any]]:
-    """Settings scaled to a short toy run (the paper defaults are schedules over 10^5+ iterations)."""
+def toy_overrides(iters: int, sigma_data: float = 0.5) -> dict[str, dict[str, Any]]:
+    """Settings scaled to a short toy run (the paper defaults are schedules over 10^5+ iterations).
+
+    The log-normal noise densities of iCT, ECT and sCM (``P_mean``) are set for image data with
+    ``sigma_data = 0.5``; on data with another ``sigma_data`` the same ``P_mean`` puts the mass at a different
+    signal-to-noise ratio (for the mixture, sigma_d = 1.42, sCM's t would sit near 0.25 rad and never near the
+    one-step sampler's pi/2). ``P_mean`` is shifted by ``ln(sigma_data / 0.5)``, which is what rescaling the data
+    to ``sigma_data = 0.5`` would do.
+    """
+    shift = math.log(sigma_data / 0.5)
     return {
         "dmd": {"critic_steps_per_generator_step": 5},  # DMD2 TTUR: the fake score must track the generator
         "cd": {"distance": "l2"},  # LPIPS is for images
         "lcm": {"distance": "l2"},
-        "ict": {"total_steps": iters},  # curriculum N = 11 ... 1281 over the run
-        "ect": {"double_every": max(1, iters // 4)},  # four stages of r(t) over the run
-        "scm": {"tangent_warmup_steps": max(1, iters // 10)},
+        "ict": {"total_steps": iters, "P_mean": -1.1 + shift},  # curriculum N = 11 ... 1281 over the run
+        "ect": {"double_every": max(1, iters // 4), "P_mean": -1.1 + shift},  # four stages of r(t) over the run
+        "scm": {"tangent_warmup_steps": max(1, iters // 10), "P_mean": -1.0 + shift},
     }
 
 
@@ -60,7 +68,7 @@ NOTES = {
 }
 
 
-def compose(name: str, iters: int, batch: int, lr: float, seed: int):
+def compose(name: str, iters: int, batch: int, lr: float, seed: int, sigma_data: float = 0.5):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -82,12 +90,15 @@ def compose(name: str, iters: int, batch: int, lr: float, seed: int):
             ],
         )
     with open_dict(cfg):
-        cfg.objective = OmegaConf.merge(cfg.objective, toy_overrides(iters).get(name, {}))
+        cfg.objective = OmegaConf.merge(cfg.objective, toy_overrides(iters, sigma_data).get(name, {}))
         cfg.trainer.max_steps, cfg.trainer.batch_size, cfg.trainer.seed = iters, batch, seed
         cfg.trainer.ema_decays, cfg.trainer.sample_every, cfg.trainer.checkpoint_every = [0.99], 0, 0
         cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay = lr, 10, 0.0
         cfg.run_dir = "unused"
     return cfg
+
+
+FOURIER_SCALE = 16.0  # set from --fourier-scale
 
 
 def mlp_config(sigma_data: float) -> dict[str, Any]:
@@ -97,6 +108,7 @@ def mlp_config(sigma_data: float) -> dict[str, Any]:
         "hidden": 128,
         "depth": 3,
         "sigma_data": sigma_data,
+        "fourier_scale": FOURIER_SCALE,
     }
 
 
@@ -168,6 +180,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--objectives", nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fourier-scale", type=float, default=16.0, help="Fourier scale of the MLP's time embedding")
     ap.add_argument(
         "--init",
         choices=("pretrained", "random"),
@@ -178,6 +191,8 @@ def main() -> None:
     ap.add_argument("--note", default="")
     ap.add_argument("--out", default=str(RESULTS / "toy_quality.json"))
     args = ap.parse_args()
+    global FOURIER_SCALE
+    FOURIER_SCALE = args.fourier_scale
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import logging
@@ -214,10 +229,11 @@ def main() -> None:
     print(refs, flush=True)
     rows: list[dict[str, Any]] = []
     for name in names:
-        cfg = compose(name, args.iters, args.batch, args.lr, args.seed)
+        sd = float(teacher_den.sigma_data)
+        cfg = compose(name, args.iters, args.batch, args.lr, args.seed, sd)
         row: dict[str, Any] = {
             "objective": name,
-            "overrides": toy_overrides(args.iters).get(name, {}),
+            "overrides": toy_overrides(args.iters, sd).get(name, {}),
             "note": NOTES.get(name, ""),
         }
         try:

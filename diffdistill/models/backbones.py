@@ -179,7 +179,12 @@ class FourierEmbedding(nn.Module):
 
 class MLPBackbone(nn.Module):
     """A residual MLP on flat ``[B, dim]`` samples, conditioned on ``c_noise`` (and optional classes, and the
-    guidance scale when ``guidance_embedding`` is on: off by default so saved configs still load)."""
+    guidance scale when ``guidance_embedding`` is on: off by default so saved configs still load).
+
+    ``fourier_scale``: std of the random Fourier frequencies of ``c_noise`` (EDM: 16). Continuous-time consistency
+    training differentiates the network in time, and high frequencies there make that derivative noisy; iCT and
+    sCM use small scales (iCT: 0.02).
+    """
 
     def __init__(
         self,
@@ -188,10 +193,11 @@ class MLPBackbone(nn.Module):
         depth: int = 3,
         num_classes: int | None = None,
         guidance_embedding: bool = False,
+        fourier_scale: float = 16.0,
     ):
         super().__init__()
         self.dim, self.num_classes = dim, num_classes
-        self.emb = FourierEmbedding(hidden)
+        self.emb = FourierEmbedding(hidden, fourier_scale)
         self.class_emb = nn.Embedding(num_classes + 1, hidden) if num_classes is not None else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(

@@ -49,7 +49,8 @@ def edm_mlp(
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
     guidance_embedding: bool = False,
+    fourier_scale: float = 16.0,
 ) -> EDMDenoiser:
-    """An EDM-preconditioned residual MLP for low-dimensional toys."""
-    net = MLPBackbone(dim, hidden, depth, num_classes, guidance_embedding)
+    """An EDM-preconditioned residual MLP for low-dimensional toys (``fourier_scale``: see ``MLPBackbone``)."""
+    net = MLPBackbone(dim, hidden, depth, num_classes, guidance_embedding, fourier_scale)
     return EDMDenoiser(net, sigma_data, sigma_min, sigma_max)
