@@ -67,12 +67,46 @@ def objective_class(node: DictConfig) -> type[Objective]:
     return cls
 
 
+def _lora_student(teacher: Teacher, student: DictConfig, den: nn.Module | None) -> nn.Module:
+    """The LoRA generator network of ``student.lora``; with ``share_base`` the teacher's own network, whose
+    teacher view becomes a :class:`~diffdistill.models.lora.SharedBaseDenoiser` (adapters off)."""
+    from diffdistill.models.generator import trainable_copy
+    from diffdistill.models.lora import SharedBaseDenoiser, add_lora
+
+    lora = student.lora
+    share = bool(lora.get("share_base", True))
+    if share and den is not None:
+        raise ValueError("student.lora.share_base needs the student to be the teacher's network (student.denoiser=null)")
+    if share and isinstance(teacher.denoiser, SharedBaseDenoiser):
+        raise ValueError("the teacher already shares its network with a LoRA student")
+    if share and not any(True for _ in teacher.denoiser.parameters()):
+        raise ValueError("student.lora.share_base: the teacher has no network weights to share (analytic teacher?)")
+    net = teacher.denoiser if share else (den if den is not None else trainable_copy(teacher))
+    add_lora(
+        net,
+        rank=int(lora.get("rank", 8)),
+        alpha=lora.get("alpha"),
+        target_modules=list(lora.target_modules) if lora.get("target_modules") else None,
+        dropout=float(lora.get("dropout", 0.0)),
+    )
+    if share:
+        teacher.denoiser = SharedBaseDenoiser(net)
+    return net.train()
+
+
 def build_roles(objective_cls: type[Objective], teacher: Teacher, student: DictConfig) -> dict[str, nn.Module]:
-    """Build the trainable and frozen roles the objective declares (each initialised from the teacher)."""
+    """Build the trainable and frozen roles the objective declares (each initialised from the teacher).
+
+    ``student.lora`` (``{rank, alpha, target_modules, dropout, share_base}``) makes the generator a LoRA student;
+    with ``share_base`` (default) it shares the teacher's weights. Other roles are built afterwards, so DMD's fake
+    score copies the *base* network and CD/LCM's target copies the adapted student.
+    """
     roles: dict[str, nn.Module] = {}
     den = _instantiate(student.denoiser, "student denoiser") if student.get("denoiser") else None
     sampling = list(student.sampling_sigmas) if student.get("sampling_sigmas") else None
-    if den is not None:
+    if student.get("lora"):
+        roles["generator"] = Generator(_lora_student(teacher, student, den), student.sigma_init, sampling)
+    elif den is not None:
         roles["generator"] = Generator(den, student.sigma_init, sampling)
     else:
         roles["generator"] = Generator.from_teacher(teacher, student.sigma_init, sampling)

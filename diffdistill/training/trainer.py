@@ -138,6 +138,8 @@ class DistillTrainer:
         self.generator_roles = tuple(getattr(objective, "generator_roles", ("generator",)))
         self.critic_roles = tuple(r for r in objective.roles if r not in self.generator_roles)
         self.optimizers, self.schedulers = {}, {}
+        # what each role trains, fixed now: frozen parts of a role (a LoRA student's base) stay frozen
+        self._trainable = {r: [p for p in roles[r].parameters() if p.requires_grad] for r in objective.roles}
         optim = optim or OptimizerSpec()
         for name in (*objective.roles, *objective.frozen_roles):
             roles[name].to(self.device)
@@ -241,7 +243,8 @@ class DistillTrainer:
 
     def _set_trainable(self, names: tuple[str, ...]) -> None:
         for r in self.objective.roles:
-            self.roles[r].requires_grad_(r in names)
+            for p in self._trainable[r]:
+                p.requires_grad_(r in names)
 
     def _update(self, names: tuple[str, ...], out, kind: str) -> dict[str, float]:
         loss = out.loss.mean()
