@@ -76,7 +76,9 @@ def _lora_student(teacher: Teacher, student: DictConfig, den: nn.Module | None) 
     lora = student.lora
     share = bool(lora.get("share_base", True))
     if share and den is not None:
-        raise ValueError("student.lora.share_base needs the student to be the teacher's network (student.denoiser=null)")
+        raise ValueError(
+            "student.lora.share_base needs the student to be the teacher's network (student.denoiser=null)"
+        )
     if share and isinstance(teacher.denoiser, SharedBaseDenoiser):
         raise ValueError("the teacher already shares its network with a LoRA student")
     if share and not any(True for _ in teacher.denoiser.parameters()):
