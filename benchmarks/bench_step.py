@@ -145,13 +145,20 @@ def make_trainer(
 ) -> DistillTrainer:
     """A trainer for ``objective`` (``None``: the fine-tune reference) on a fresh student copy of ``net.teacher``."""
     teacher = net.teacher
+    lora = {"rank": args.lora_rank, "share_base": True} if mode == "lora" else None
+    if lora is not None:
+        teacher = copy.deepcopy(net.teacher)  # a shared-base student adapts the teacher's network in place
     if objective is None:
-        gen = Generator.from_teacher(teacher, 80.0)
+        if lora is not None:
+            roles = build_roles(FinetuneEDM, teacher, OmegaConf.create({"sigma_init": 80.0, "lora": lora}))
+            gen = roles["generator"]
+        else:
+            gen = Generator.from_teacher(teacher, 80.0)
+            roles = {"generator": gen}
         obj: Objective = FinetuneEDM(gen)
-        roles = {"generator": gen}
     else:
         cls = OBJECTIVES[objective]
-        student = OmegaConf.create({"denoiser": None, "sigma_init": 80.0, "sampling_sigmas": None})
+        student = OmegaConf.create({"denoiser": None, "sigma_init": 80.0, "sampling_sigmas": None, "lora": lora})
         roles = build_roles(cls, teacher, student)
         schedule = None
         if (ROOT / "configs" / "schedule" / "karras.yaml").exists():
@@ -262,6 +269,28 @@ def measure(
     return row
 
 
+def mode_rows(net: Network, net_name: str, mode: str, args, ft_ms: float) -> list[dict[str, Any]]:
+    """Time and memory of the fine-tune and every case in another memory ``mode`` (``checkpointing``: diffusers
+    activation checkpointing; ``lora``: shared-base LoRA students), relative to the full fine-tune."""
+    ck = copy.copy(args)
+    ck.repeats = args.ckpt_repeats
+    rows = [measure(net, FINETUNE, None, {}, ck, mode, timing=True, memory=args.memory)]
+    for label, name, ov in cases(net_name, args.objectives):
+        try:
+            rows.append(measure(net, label, name, ov, ck, mode, timing=True, memory=args.memory))
+        except Exception as e:  # noqa: BLE001  (a broken objective must not hide the others)
+            rows.append({"label": label, "objective": name, "error": f"{type(e).__name__}: {e}"})
+    for row in rows:
+        if "time" in row:
+            row["ms_per_iteration"] = round(row["time"]["median_ms"], 2)
+            row["ratio_to_full_finetune"] = round(row["time"]["median_ms"] / ft_ms, 3)
+            mem = row.get("memory_mib")
+            print(f"  [{mode}] {row['label']}: {row['ms_per_iteration']:.1f} ms, mem {mem}", flush=True)
+        if mode == "lora":
+            row["lora"] = {"rank": args.lora_rank, "share_base": True, "targets": "every Linear/Conv2d"}
+    return rows
+
+
 def cases(net_name: str, wanted: list[str] | None) -> list[tuple[str, str, dict[str, Any]]]:
     out = [(name, name, {}) for name in sorted(OBJECTIVES)]
     out += [v for v in VARIANTS.get(net_name, [])]
@@ -331,24 +360,9 @@ def run_network(net_name: str, args) -> dict[str, Any]:
             row["measured_ratio"] = round(row["paired"]["ratio_median"], 3)
             row["estimate_ratio"] = round(row["pass_cost"] / base0["pass_cost"], 3)
             row["overhead_beyond_passes"] = round(row["measured_ratio"] / row["estimate_ratio"] - 1, 3)
-    if args.checkpointing:
-        ck = copy.copy(args)
-        ck.repeats = args.ckpt_repeats
-        ck_rows = [measure(net, FINETUNE, None, {}, ck, "checkpointing", timing=True, memory=args.memory)]
-        for label, name, ov in cases(net_name, args.objectives):
-            try:
-                ck_rows.append(measure(net, label, name, ov, ck, "checkpointing", timing=True, memory=args.memory))
-            except Exception as e:  # noqa: BLE001
-                ck_rows.append({"label": label, "objective": name, "error": f"{type(e).__name__}: {e}"})
-        for row in ck_rows:
-            if "time" in row:
-                row["ms_per_iteration"] = round(row["time"]["median_ms"], 2)
-                row["ratio_to_full_finetune"] = round(row["time"]["median_ms"] / ft_ms, 3)
-                print(
-                    f"  [ckpt] {row['label']}: {row['ms_per_iteration']:.1f} ms, mem {row.get('memory_mib')}",
-                    flush=True,
-                )
-        res["checkpointing"] = ck_rows
+    for mode, wanted in (("checkpointing", args.checkpointing), ("lora", args.lora)):
+        if wanted:
+            res[mode] = mode_rows(net, net_name, mode, args, ft_ms)
     res["objectives"] = rows
     res["measured"]["load_average_at_end"] = list(os.getloadavg())
     if net.peer and PEER_ROW.get(net_name):
@@ -447,7 +461,9 @@ def main() -> None:
     ap.add_argument("--fused", action="store_true", help="optim.fused (foreach on CPU)")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--ckpt-repeats", type=int, default=3, help="repeats of the checkpointing-mode timings")
+    ap.add_argument("--ckpt-repeats", type=int, default=3, help="repeats of the checkpointing/LoRA-mode timings")
+    ap.add_argument("--no-lora", dest="lora", action="store_false", help="skip the shared-base LoRA mode")
+    ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--speed-study", action="store_true", help="time the opt-in speed options (Fashion-MNIST)")
     ap.add_argument("--study-compile", action="store_true", help="include torch.compile in the speed study")
     ap.add_argument("--quick", action="store_true", help="1 warm-up, 2 repeats (smoke run)")

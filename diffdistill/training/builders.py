@@ -16,6 +16,7 @@ from torch import nn
 from diffdistill.models.generator import FakeScore, Generator
 from diffdistill.models.teacher import Teacher
 from diffdistill.objectives.base import OBJECTIVES, Objective
+from diffdistill.training.ema import copy_sharing_frozen
 
 
 @dataclass
@@ -117,8 +118,8 @@ def build_roles(objective_cls: type[Objective], teacher: Teacher, student: DictC
             continue
         if r == "fake_score":
             roles[r] = FakeScore.from_teacher(teacher)
-        elif r == "target_generator":
-            roles[r] = copy.deepcopy(roles["generator"]).requires_grad_(False)
+        elif r == "target_generator":  # frozen parts of the generator (a LoRA base) are shared, not copied
+            roles[r] = copy_sharing_frozen(roles["generator"])
         elif hasattr(objective_cls, "build_role"):
             roles[r] = objective_cls.build_role(r, teacher=teacher, roles=roles)
         else:

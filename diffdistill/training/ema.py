@@ -8,6 +8,17 @@ import torch
 from torch import nn
 
 
+def copy_sharing_frozen(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``model`` whose parameters that are frozen in ``model`` *are* ``model``'s (shared, not
+    copied): the EMA tracks and CD/LCM target networks of a LoRA student then add no second base network."""
+    dup = copy.deepcopy(model).requires_grad_(False)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            owner, _, leaf = name.rpartition(".")
+            setattr(dup.get_submodule(owner) if owner else dup, leaf, p)
+    return dup
+
+
 class EMA:
     """EMA track ``theta_ema <- beta theta_ema + (1 - beta) theta``.
 
@@ -15,6 +26,9 @@ class EMA:
         model: the online module (not modified).
         decay: ``beta``; or give ``half_life_steps`` instead (``beta = 0.5 ** (1 / h)``).
         warmup_steps: use ``min(beta, (1 + step) / (10 + step))`` while ``step < warmup_steps``.
+
+    Parameters of ``model`` that are frozen when the track is created (a LoRA student's base network) are shared
+    with the track instead of copied: they never change, so their average is themselves.
     """
 
     def __init__(
@@ -25,7 +39,7 @@ class EMA:
         if decay is None or not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay, self.warmup_steps = float(decay), warmup_steps
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.module = copy_sharing_frozen(model).eval()
         self.num_updates = 0
 
     @torch.no_grad()
@@ -34,7 +48,8 @@ class EMA:
         if self.num_updates < self.warmup_steps:
             beta = min(beta, (1 + self.num_updates) / (10 + self.num_updates))
         for pe, p in zip(self.module.parameters(), model.parameters()):
-            pe.lerp_(p.detach().to(pe.dtype), 1.0 - beta)
+            if pe is not p:  # shared frozen parameters need no update
+                pe.lerp_(p.detach().to(pe.dtype), 1.0 - beta)
         for be, b in zip(self.module.buffers(), model.buffers()):
             be.copy_(b)
         self.num_updates += 1
