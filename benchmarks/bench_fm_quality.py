@@ -3,7 +3,8 @@ after the same CPU budget, beside the teacher's own many-step FID.
 
     python benchmarks/bench_fm_quality.py [--budget-s 300] [--objectives dmd cd ...]
 
-For each objective in ``OBJECTIVES`` that has a recipe ``configs/experiment/fashion_mnist/<name>.yaml`` the run is
+For each objective in ``OBJECTIVES`` that has a recipe ``configs/experiment/fashion_mnist/<name>.yaml`` (and for
+every other recipe there, e.g. ``lcm_lora``) the run is
 composed exactly as ``diffdistill-train experiment=fashion_mnist/<name>`` composes it, then trained until
 ``trainer.max_time_s`` seconds were spent in training iterations (sampling, evaluation and checkpointing excluded;
 ``max_steps`` is lifted). The EMA generator is scored with ``eval=effnet_fid_fast`` (FID/KID of 500 samples at
@@ -75,9 +76,11 @@ def train_one(name: str, budget_s: float, threads: int, runs: Path) -> tuple[dic
     )
     trainer = build_trainer(cfg)
     trainer.fit()
+    paper = getattr(trainer.objective, "paper", None)
     row = {
-        "objective": name,
-        "paper": OBJECTIVES[name].paper.__dict__ if getattr(OBJECTIVES[name], "paper", None) else None,
+        "recipe_name": name,
+        "objective": trainer.objective.name,
+        "paper": paper.__dict__ if paper else None,
         "recipe": f"configs/experiment/fashion_mnist/{name}.yaml",
         "iterations": trainer.step,
         "train_seconds": round(trainer.train_seconds, 1),
@@ -98,13 +101,17 @@ def main() -> None:
     ap.add_argument("--num-images", type=int, default=500)
     ap.add_argument("--skip-teacher", action="store_true")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench_fm_quality"))
+    ap.add_argument("--images", default=str(IMAGES), help="where the final sample grids are copied")
     ap.add_argument("--note", default="")
     ap.add_argument("--out", default=str(RESULTS / "fm_quality_cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     info = machine_info("cpu")
-    names = args.objectives or sorted(OBJECTIVES)
+    # every registered objective, then the other Fashion-MNIST recipes (variants such as lcm_lora)
+    names = args.objectives or sorted(OBJECTIVES) + sorted(
+        p.stem for p in RECIPES.glob("*.yaml") if p.stem not in OBJECTIVES
+    )
     ev = evaluator(args.num_images, args.threads)
     result: dict[str, Any] = {
         "benchmark": "fm_quality",
@@ -130,7 +137,7 @@ def main() -> None:
     for name in names:
         if not (RECIPES / f"{name}.yaml").exists():
             why = f"no recipe configs/experiment/fashion_mnist/{name}.yaml"
-            result["skipped"].append({"objective": name, "why": why})
+            result["skipped"].append({"recipe_name": name, "why": why})
             continue
         try:
             row, run_dir = train_one(name, args.budget_s, args.threads, runs)
@@ -142,12 +149,14 @@ def main() -> None:
                 row["two_step"] = score(ev, gen, 2)
             grids = sorted((run_dir / "samples").glob("step*.png"))
             if grids:
-                IMAGES.mkdir(parents=True, exist_ok=True)
-                dest = IMAGES / f"fm_budget_{name}.png"
+                images = Path(args.images)
+                images.mkdir(parents=True, exist_ok=True)
+                dest = images / f"fm_budget_{name}.png"
                 shutil.copy(grids[-1], dest)
-                row["grid"] = str(dest.relative_to(ROOT))
+                row["grid"] = str(dest.relative_to(ROOT)) if dest.is_relative_to(ROOT) else str(dest)
         except Exception as e:  # recorded, not fatal: one broken objective must not hide the others
-            row = {"objective": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+            tb = traceback.format_exc()[-2000:]
+            row = {"recipe_name": name, "error": f"{type(e).__name__}: {e}", "traceback": tb}
         print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
         result["objectives"].append(row)
         Path(args.out).write_text(json.dumps(result, indent=1))  # partial results survive an interruption

@@ -62,9 +62,9 @@ def toy_overrides(iters: int, sigma_data: float = 0.5) -> dict[str, dict[str, An
 NOTES = {
     "dmd": "fake score: a randomly initialised MLP of the student's shape (an analytic teacher cannot be copied into "
     "a trainable fake score); critic 5 : generator 1",
-    "ect": "ECT tunes a pretrained diffusion model; here the student starts from random weights (consistency "
-    "training from scratch)",
-    "ict": "consistency training from scratch (its defining setting)",
+    "ect": "ECT tunes a pretrained diffusion model: here the pretrained diffusion MLP",
+    "ict": "consistency training; like every objective here it starts from the pretrained diffusion MLP "
+    "(--init random: from scratch, iCT's own setting)",
 }
 
 
@@ -98,7 +98,7 @@ def compose(name: str, iters: int, batch: int, lr: float, seed: int, sigma_data:
     return cfg
 
 
-FOURIER_SCALE = 16.0  # set from --fourier-scale
+FOURIER_SCALE = 1.0  # set from --fourier-scale
 
 
 def mlp_config(sigma_data: float) -> dict[str, Any]:
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--objectives", nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fourier-scale", type=float, default=16.0, help="Fourier scale of the MLP's time embedding")
+    ap.add_argument("--fourier-scale", type=float, default=1.0, help="Fourier scale of the MLP's time embedding")
     ap.add_argument(
         "--init",
         choices=("pretrained", "random"),
