@@ -15,7 +15,11 @@ from tests.helpers import TINY, compose_train
 CONFIGS = Path(CONFIG_DIR)
 GROUPS = ["backbone", "schedule", "objective", "data", "optim", "trainer", "eval", "logger"]
 NEEDS_REAL_PACKAGED_TEACHER = {("backbone", "fashion_mnist")}
-MANDATORY = {("data", "image_folder"): "root", ("backbone", "diffusers_vp"): "path"}
+MANDATORY = {
+    ("data", "image_folder"): "root",
+    ("backbone", "diffusers_vp"): "path",
+    ("backbone", "edm_diffusers"): "path",
+}
 
 
 def options(group):
