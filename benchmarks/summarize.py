@@ -34,26 +34,34 @@ def step_tables(r: dict[str, Any]) -> list[str]:
             f"{ft['ms']:.0f} ms (before {ft['ms_before']:.0f}, after {ft['ms_after']:.0f})",
             "",
             "| objective | ms / iteration | measured ratio | pass-count estimate | overhead beyond passes | "
-            "static MiB | step peak MiB (full / checkpointing) |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "static MiB (full / LoRA) | step peak MiB (full / checkpointing / LoRA) | LoRA ms / it |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         ck = {c["label"]: c for c in net.get("checkpointing", [])}
+        lo = {c["label"]: c for c in net.get("lora", [])}
+
+        def mem(rows: dict, label: str, key: str = "step_peak_above_static"):
+            return (rows.get(label, {}).get("memory_mib") or {}).get(key, "-")
+
         ftm = (ft.get("memory_mib") or {}).get("step_peak_above_static")
-        ftc = (ck.get("finetune", {}).get("memory_mib") or {}).get("step_peak_above_static")
         out.append(
             f"| fine-tune (reference) | {ft['ms']:.0f} | 1.00 | 1.00 | - | "
-            f"{(ft.get('memory_mib') or {}).get('static', '-')} | {ftm} / {ftc} |"
+            f"{(ft.get('memory_mib') or {}).get('static', '-')} / {mem(lo, 'finetune', 'static')} | "
+            f"{ftm} / {mem(ck, 'finetune')} / {mem(lo, 'finetune')} | "
+            f"{lo.get('finetune', {}).get('ms_per_iteration', '-')} |"
         )
         for row in net["objectives"]:
             if "error" in row:
-                out.append(f"| {row['label']} | failed: {row['error'][:60]} | | | | | |")
+                out.append(f"| {row['label']} | failed: {row['error'][:60]} | | | | | | |")
                 continue
-            mem = row.get("memory_mib") or {}
-            cm = (ck.get(row["label"], {}).get("memory_mib") or {}).get("step_peak_above_static")
+            m = row.get("memory_mib") or {}
+            lab = row["label"]
             out.append(
-                f"| {row['label']} | {row['ms_per_iteration']:.0f} | {row['measured_ratio']:.2f} | "
+                f"| {lab} | {row['ms_per_iteration']:.0f} | {row['measured_ratio']:.2f} | "
                 f"{row['estimate_ratio']:.2f} | {100 * row['overhead_beyond_passes']:+.0f}% | "
-                f"{mem.get('static', '-')} | {mem.get('step_peak_above_static', '-')} / {cm} |"
+                f"{m.get('static', '-')} / {mem(lo, lab, 'static')} | "
+                f"{m.get('step_peak_above_static', '-')} / {mem(ck, lab)} / {mem(lo, lab)} | "
+                f"{lo.get(lab, {}).get('ms_per_iteration', '-')} |"
             )
         pc = net.get("peer_comparison")
         if pc:
@@ -128,6 +136,55 @@ def toy_table(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def fm_quality_table(r: dict[str, Any]) -> list[str]:
+    t = r.get("teacher") or {}
+    out = [
+        _machine(r),
+        "",
+        f"Budget: {r['setup']['budget_train_seconds']:.0f} s of training iterations per recipe; "
+        f"FID-EffNet-128 / KID of {r['setup']['eval'].get('num_images', 500)} images vs 5k test images.",
+        "",
+        "| recipe | objective | iterations | s / it | FID 1 step | KID 1 step | FID 2 steps | KID 2 steps |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    if t:
+        out.append(f"| packaged teacher | Heun 18 steps (35 NFE) | - | - | {t['fid']} | {t['kid']} | | |")
+    for row in r["objectives"]:
+        if "error" in row:
+            out.append(f"| {row['recipe_name']} | failed: {row['error'][:70]} | | | | | | |")
+            continue
+        one, two = row.get("one_step", {}), row.get("two_step", {})
+        out.append(
+            f"| {row['recipe_name']} | {row['objective']} | {row['iterations']} | {row['seconds_per_iteration']} | "
+            f"{one.get('fid', '-')} | {one.get('kid', '-')} | {two.get('fid', '-')} | {two.get('kid', '-')} |"
+        )
+    return out
+
+
+def compile_table(r: dict[str, Any]) -> list[str]:
+    out = [
+        _machine(r),
+        "",
+        f"{r['setup']['network']}; {r['setup']['timed']}",
+        "",
+        "| objective | eager ms / it | compiled ms / it | speed-up | compile (first iterations) s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in r["objectives"]:
+        e, c = row["eager"], row["compiled"]
+        if "error" in e or "error" in c:
+            out.append(
+                f"| {row['objective']} | {e.get('ms_per_iteration', '-')} | failed: "
+                f"{(c.get('error') or e.get('error'))[:70]} | | |"
+            )
+            continue
+        out.append(
+            f"| {row['objective']} | {e['ms_per_iteration']} | {c['ms_per_iteration']} | {row['speedup']} | "
+            f"{c['first_iterations_s']} |"
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
@@ -136,6 +193,8 @@ def main() -> None:
         ("step_cost_cpu.json", step_tables),
         ("sampling_cpu.json", sampling_table),
         ("toy_quality.json", toy_table),
+        ("fm_quality_cpu.json", fm_quality_table),
+        ("compile_cpu.json", compile_table),
     ):
         r = _load(d / fname)
         if r is not None:
