@@ -13,6 +13,7 @@ from diffdistill.objectives.consistency import ConsistencyDistillation
 from diffdistill.objectives.dmd import DMD
 from diffdistill.objectives.ect import ECT, ICT
 from diffdistill.objectives.lcm import LCM
+from diffdistill.objectives.rcm import RCM
 from diffdistill.objectives.scm import SCM
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ICT",
     "LCM",
     "OBJECTIVES",
+    "RCM",
     "SCM",
     "ConsistencyDistillation",
     "LossOutput",
