@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench_fm_quality"))
     ap.add_argument("--images", default=str(IMAGES), help="where the final sample grids are copied")
     ap.add_argument("--note", default="")
+    ap.add_argument("--append", action="store_true", help="keep the other rows of --out (and its teacher row)")
     ap.add_argument("--out", default=str(RESULTS / "fm_quality_cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -127,6 +128,11 @@ def main() -> None:
         "objectives": [],
         "skipped": [],
     }
+    if args.append and Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text())
+        result["teacher"] = old.get("teacher")
+        result["objectives"] = [r for r in old.get("objectives", []) if r.get("recipe_name") not in names]
+        result["machine_of_kept_rows"] = old.get("machine")
     if not args.skip_teacher:
         from diffdistill.models import Teacher
 

@@ -56,6 +56,7 @@ def toy_overrides(iters: int, sigma_data: float = 0.5) -> dict[str, dict[str, An
         "ict": {"total_steps": iters, "P_mean": -1.1 + shift},  # curriculum N = 11 ... 1281 over the run
         "ect": {"double_every": max(1, iters // 4), "P_mean": -1.1 + shift},  # four stages of r(t) over the run
         "scm": {"tangent_warmup_steps": max(1, iters // 10), "P_mean": -1.0 + shift},
+        "rcm": {"tangent_warmup_steps": max(1, iters // 10), "P_mean": -1.0 + shift},
     }
 
 
