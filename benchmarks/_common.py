@@ -87,6 +87,16 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
+def write_result(path: str | Path, result: dict[str, Any]) -> Path:
+    """Write a benchmark's result JSON (creating the folder); called after each part so partial results survive."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
 def finish_info(info: dict[str, Any]) -> dict[str, Any]:
     info["load_average_at_end"] = list(os.getloadavg())
     info["concurrent_runs_at_end"] = concurrent_runs()

@@ -19,11 +19,10 @@ import statistics
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS, finish_info, machine_info
+from _common import RESULTS, finish_info, machine_info, write_result
 from bench_toy_quality import build, compose, pretrain_mlp
 from omegaconf import open_dict
 
@@ -100,9 +99,7 @@ def main() -> None:
         },
         "objectives": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result(args.out, result)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import time
@@ -20,7 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import cpu_model  # benchmarks/ is on sys.path when a script runs
+from _common import cpu_model, write_result  # benchmarks/ is on sys.path when a script runs
 from torch import nn
 
 
@@ -175,10 +174,7 @@ def main() -> None:
         "generation": bench_generation(args.quick),
     }
     result["machine"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(args.out, result)}")
 
 
 if __name__ == "__main__":

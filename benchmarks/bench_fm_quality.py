@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS, ROOT, finish_info, machine_info
+from _common import RESULTS, ROOT, finish_info, machine_info, write_result
 
 import diffdistill.objectives  # noqa: F401  (registers every objective)
 from diffdistill.objectives.base import OBJECTIVES
@@ -165,11 +165,9 @@ def main() -> None:
             row = {"recipe_name": name, "error": f"{type(e).__name__}: {e}", "traceback": tb}
         print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
         result["objectives"].append(row)
-        Path(args.out).write_text(json.dumps(result, indent=1))  # partial results survive an interruption
+        write_result(args.out, result)  # partial results survive an interruption
     result["machine"] = finish_info(info)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result(args.out, result)}")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,11 @@ network evaluations and sampler arithmetic on a batch of pre-drawn noise (no ima
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS, build_network, count_params, finish_info, machine_info, time_calls
+from _common import RESULTS, build_network, count_params, finish_info, machine_info, time_calls, write_result
 from omegaconf import OmegaConf
 
 import diffdistill.objectives  # noqa: F401  (registers every objective)
@@ -134,10 +132,7 @@ def main() -> None:
         "teacher_sampler": f"EDM Heun, {args.heun_steps} steps ({nfe} NFE), karras sigmas (0.002, 80, rho 7)",
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(args.out, result)}")
 
 
 if __name__ == "__main__":

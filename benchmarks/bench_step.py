@@ -51,6 +51,7 @@ from _common import (
     machine_info,
     tensor_bytes,
     time_calls,
+    write_result,
 )
 from omegaconf import OmegaConf
 
@@ -517,12 +518,11 @@ def main() -> None:
         result["machine_of_kept_entries"] = old.get("machine")
     for name in args.networks:
         result["networks"].append(run_network(name, copy.copy(args)))
-        out.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive an interruption
+        write_result(out, result)  # partial results survive an interruption
     if args.speed_study:
         result["speed_options"] = speed_study(copy.copy(args))
     finish_info(info)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(out, result)}")
 
 
 if __name__ == "__main__":

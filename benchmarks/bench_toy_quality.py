@@ -22,7 +22,6 @@ Objective settings that must change for a toy run of this length (paper schedule
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS, finish_info, machine_info
+from _common import RESULTS, finish_info, machine_info, write_result
 from omegaconf import OmegaConf, open_dict
 
 import diffdistill.objectives  # noqa: F401  (registers every objective)
@@ -304,7 +303,7 @@ def main() -> None:
         "references": {k: round(v, 5) for k, v in refs.items()},
         "objectives": rows,
     }
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

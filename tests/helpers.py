@@ -10,3 +10,22 @@ def compose_train(overrides: list[str], config_name: str = "train"):
 
 
 TINY = ["~experiment", "backbone=tiny_unet", "data=synthetic", "trainer=tiny", "trainer.device=cpu"]
+
+
+def tiny_unet2d(**kwargs):
+    """A tiny random-weight diffusers ``UNet2DModel`` (8x8x3), seeded, for adapter tests that save it locally."""
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    config = dict(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    return UNet2DModel(**{**config, **kwargs})

@@ -2,27 +2,17 @@
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 
 from diffdistill.models import Teacher
 from diffdistill.models.adapters import DiffusersVPDenoiser
+from tests.helpers import tiny_unet2d
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("ddpm")
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    unet.save_pretrained(root / "unet")
+    tiny_unet2d().save_pretrained(root / "unet")
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
     return root
 

@@ -9,7 +9,7 @@ from diffusers import UNet2DModel
 from diffdistill.models import Teacher
 from diffdistill.models.builders import edm_unet_pretrained
 from diffdistill.models.conditioning import Conditioning
-from tests.helpers import compose_train
+from tests.helpers import compose_train, tiny_unet2d
 
 CLASSES = 4
 
@@ -17,19 +17,8 @@ CLASSES = 4
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A tiny class-conditional UNet2DModel with one embedding per class and no null class (like openai's)."""
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("edm_unet")
-    UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        num_class_embeds=CLASSES,
-    ).save_pretrained(root)
+    tiny_unet2d(num_class_embeds=CLASSES).save_pretrained(root)
     return root
 
 
