@@ -148,15 +148,20 @@ def fm_quality_table(r: dict[str, Any]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     if t:
-        out.append(f"| packaged teacher | Heun 18 steps (35 NFE) | - | - | {t['fid']} | {t['kid']} | | |")
+        out.append(f"| packaged teacher | Heun 18 steps (35 NFE) | - | - | {t['fid']:.1f} | {t['kid']:.3f} | | |")
     for row in r["objectives"]:
         if "error" in row:
             out.append(f"| {row['recipe_name']} | failed: {row['error'][:70]} | | | | | | |")
             continue
         one, two = row.get("one_step", {}), row.get("two_step", {})
+
+        def num(d: dict, k: str, fmt: str) -> str:
+            return format(d[k], fmt) if k in d else "-"
+
         out.append(
             f"| {row['recipe_name']} | {row['objective']} | {row['iterations']} | {row['seconds_per_iteration']} | "
-            f"{one.get('fid', '-')} | {one.get('kid', '-')} | {two.get('fid', '-')} | {two.get('kid', '-')} |"
+            f"{num(one, 'fid', '.1f')} | {num(one, 'kid', '.3f')} | "
+            f"{num(two, 'fid', '.1f')} | {num(two, 'kid', '.3f')} |"
         )
     return out
 
