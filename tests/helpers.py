@@ -12,12 +12,8 @@ def compose_train(overrides: list[str], config_name: str = "train"):
 TINY = ["~experiment", "backbone=tiny_unet", "data=synthetic", "trainer=tiny", "trainer.device=cpu"]
 
 
-def tiny_unet2d(**kwargs):
-    """A tiny random-weight diffusers ``UNet2DModel`` (8x8x3), seeded, for adapter tests that save it locally."""
-    import torch
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
+def tiny_unet2d_config(**kwargs) -> dict:
+    """Keyword arguments of a tiny diffusers ``UNet2DModel`` (8x8x3, two levels), with ``kwargs`` overriding."""
     config = dict(
         sample_size=8,
         in_channels=3,
@@ -28,4 +24,13 @@ def tiny_unet2d(**kwargs):
         up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
     )
-    return UNet2DModel(**{**config, **kwargs})
+    return {**config, **kwargs}
+
+
+def tiny_unet2d(**kwargs):
+    """A tiny random-weight diffusers ``UNet2DModel``, seeded, for adapter tests that save it locally."""
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(**tiny_unet2d_config(**kwargs))

@@ -536,14 +536,13 @@ def test_lcm_guidance_embedding_and_mlp_student():
 
 def test_unet_guidance_embedding_and_scm_jvp_through_attention():
     from diffdistill.models.builders import edm_unet
+    from tests.helpers import tiny_unet2d_config
 
     torch.manual_seed(0)
-    cfg = dict(
-        sample_size=8,
+    cfg = tiny_unet2d_config(
         in_channels=1,
         out_channels=1,
         block_out_channels=(16, 16),
-        layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
