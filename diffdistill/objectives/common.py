@@ -50,6 +50,22 @@ def karras_index_sigmas(sigmas_ascending: Tensor, batch: int, k_min: int, k_max:
     return sigmas_ascending[k].to(device=device, dtype=torch.float32)
 
 
+def dm_timestep_grid(schedule, teacher, min_step_percent: float, max_step_percent: float) -> tuple[Tensor, int, int]:
+    """DMD2's distribution-matching timesteps: the ascending Karras grid of ``schedule`` (default: the teacher's
+    noise range, 1000 levels) and the index range ``[min_step_percent T, max_step_percent T]``."""
+    from diffdistill.schedules.karras import KarrasSchedule
+
+    schedule = schedule or KarrasSchedule(teacher.sigma_min, teacher.sigma_max)
+    sigmas = schedule.sigmas(ascending=True)  # sigma_0 = sigma_min ... sigma_{T-1} = sigma_max
+    T = len(sigmas)
+    k_min, k_max = int(min_step_percent * T), int(max_step_percent * T)
+    if not 0 <= k_min <= k_max < T:
+        raise ValueError(
+            f"need 0 <= min_step_percent <= max_step_percent < 1, got {min_step_percent}, {max_step_percent}"
+        )
+    return sigmas, k_min, k_max
+
+
 def pseudo_huber(diff: Tensor, c: float) -> Tensor:
     """Pseudo-Huber on the flattened per-sample norm ``sqrt(||d||^2 + c^2) - c`` (Song & Dhariwal 2023, Eq. 10)."""
     return (diff.flatten(1).pow(2).sum(1) + c**2).sqrt() - c

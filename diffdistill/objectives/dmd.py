@@ -24,6 +24,7 @@ from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount,
 from diffdistill.objectives.common import (
     add_noise,
     denoising_score_matching_loss,
+    dm_timestep_grid,
     gradient_injection_loss,
     karras_index_sigmas,
     per_sample_mean,
@@ -79,14 +80,7 @@ class DMD(Objective):
         normalize: bool = True,
     ):
         self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
-        self.schedule = schedule or KarrasSchedule(teacher.sigma_min, teacher.sigma_max)
-        self.sigmas = self.schedule.sigmas(ascending=True)  # sigma_0 = sigma_min ... sigma_{T-1} = sigma_max
-        T = len(self.sigmas)
-        self.k_min, self.k_max = int(min_step_percent * T), int(max_step_percent * T)
-        if not 0 <= self.k_min <= self.k_max < T:
-            raise ValueError(
-                f"need 0 <= min_step_percent <= max_step_percent < 1, got {min_step_percent}, {max_step_percent}"
-            )
+        self.sigmas, self.k_min, self.k_max = dm_timestep_grid(schedule, teacher, min_step_percent, max_step_percent)
         self.real_guidance_scale = real_guidance_scale
         self.fake_weighting, self.normalize = fake_weighting, normalize
         self.update_schedule = UpdateSchedule(critic_steps_per_generator_step, generator_warmup_steps)

@@ -28,7 +28,7 @@ from diffdistill.conventions import append_dims
 from diffdistill.data.images import Batch
 from diffdistill.models.conditioning import Conditioning
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
-from diffdistill.objectives.common import add_noise, karras_index_sigmas
+from diffdistill.objectives.common import add_noise, dm_timestep_grid, karras_index_sigmas
 from diffdistill.objectives.dmd import dmd_gradient
 from diffdistill.objectives.scm import SCM
 from diffdistill.schedules.karras import KarrasSchedule
@@ -129,14 +129,7 @@ class RCM(Objective):
             adaptive_weighting=False,
         )
         self.guidance_scale = guidance_scale
-        self.schedule = schedule or KarrasSchedule(teacher.sigma_min, teacher.sigma_max)
-        self.sigmas = self.schedule.sigmas(ascending=True)
-        T = len(self.sigmas)
-        self.k_min, self.k_max = int(min_step_percent * T), int(max_step_percent * T)
-        if not 0 <= self.k_min <= self.k_max < T:
-            raise ValueError(
-                f"need 0 <= min_step_percent <= max_step_percent < 1, got {min_step_percent}, {max_step_percent}"
-            )
+        self.sigmas, self.k_min, self.k_max = dm_timestep_grid(schedule, teacher, min_step_percent, max_step_percent)
         self.max_student_steps, self.scm_weight, self.dmd_weight = int(max_student_steps), scm_weight, dmd_weight
         self.update_schedule = RCMSchedule(int(period), 0, int(tangent_warmup_steps))
 
