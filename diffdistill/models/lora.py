@@ -88,8 +88,10 @@ def adapters_disabled(module: nn.Module) -> Iterator[None]:
 
 def strip_lora(module: nn.Module) -> nn.Module:
     """Replace every adapted layer of ``module`` by its base layer, in place (drops the adapters)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     for name, m in list(module.named_modules()):
-        if name and m in set(_tuner_layers(m)):
+        if name and isinstance(m, BaseTunerLayer):
             parent_name, _, child = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             setattr(parent, child, m.get_base_layer())
