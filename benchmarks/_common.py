@@ -4,13 +4,14 @@ Networks (random weights, built from config; nothing is downloaded):
 
 * ``fashion_mnist``: the packaged Fashion-MNIST teacher architecture (``configs/teacher.yaml`` model section),
   class-conditional 32x32x1, 1.06M parameters.
-* ``sd_tiny``: the tiny SD-shaped ``UNet2DConditionModel`` of peers.md §7 (985k parameters, 16x16x4 latents,
-  cross-attention dim 32) on which the diffusers LCM script was measured. Prompts are stood in for by
+* ``sd_tiny``: the tiny SD-shaped ``UNet2DConditionModel`` (985k parameters, 16x16x4 latents, cross-attention
+  dim 32) on which the diffusers LCM script (``examples/consistency_distillation/train_lcm_distill_sd_wds.py``)
+  was timed (``benchmarks/README.md``, Networks). Prompts are stood in for by
   per-class prompt embeddings (a frozen lookup table; the last row is the empty prompt, so classifier-free
   guidance runs through the teacher's batched ``[cond; uncond]`` path).
-* ``adm_dmd2``: the EDM-preconditioned ADM U-Net of DMD2's ImageNet-64 code (peers.md §7): 64x64x3, 1000
-  classes, 32 base channels, multipliers [1, 2, 3, 4], one block per level, attention at 32/16/8, built as a
-  diffusers ``UNet2DModel`` with residual up/down-sampling and scale-shift norm (4.63M parameters vs 4.65M).
+* ``adm_dmd2``: the EDM-preconditioned ADM U-Net of DMD2's ImageNet-64 code (``tianweiy/DMD2``, ``main/edm/``):
+  64x64x3, 1000 classes, 32 base channels, multipliers [1, 2, 3, 4], one block per level, attention at 32/16/8,
+  built as a diffusers ``UNet2DModel`` with residual up/down-sampling and scale-shift norm (4.63M parameters vs 4.65M).
 """
 
 from __future__ import annotations
@@ -345,7 +346,7 @@ def fashion_mnist_denoiser(seed: int = 0):
 
     from diffdistill.models.builders import edm_unet
 
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "teacher.yaml").model, resolve=True)
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "diffdistill" / "configs" / "teacher.yaml").model, resolve=True)
     cfg.pop("_target_")
     torch.manual_seed(seed)
     return edm_unet(**cfg)

@@ -31,7 +31,7 @@ from _common import RESULTS, ROOT, finish_info, machine_info, write_result
 import diffdistill.objectives  # noqa: F401  (registers every objective)
 from diffdistill.objectives.base import OBJECTIVES
 
-RECIPES = ROOT / "configs" / "experiment" / "fashion_mnist"
+RECIPES = ROOT / "diffdistill" / "configs" / "experiment" / "fashion_mnist"
 IMAGES = ROOT / "docs" / "images"
 
 
@@ -147,7 +147,7 @@ def main() -> None:
             continue
         try:
             row, run_dir = train_one(name, args.budget_s, args.threads, runs)
-            from diffdistill.training.trainer import load_generator
+            from diffdistill import load_generator
 
             gen = load_generator(run_dir / "checkpoints" / "last.pt", ema="auto")
             row["one_step"] = score(ev, gen, 1)

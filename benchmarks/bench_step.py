@@ -122,7 +122,7 @@ class FinetuneEDM(Objective):
 
 def objective_node(name: str, overrides: dict[str, Any]):
     """The objective's shipped config (``configs/objective/<name>.yaml``) with the benchmark's overrides."""
-    path = ROOT / "configs" / "objective" / f"{name}.yaml"
+    path = ROOT / "diffdistill" / "configs" / "objective" / f"{name}.yaml"
     cls = OBJECTIVES[name]
     node = (
         OmegaConf.load(path)
@@ -166,10 +166,10 @@ def make_trainer(
         student = OmegaConf.create({"denoiser": None, "sigma_init": 80.0, "sampling_sigmas": None, "lora": lora})
         roles = build_roles(cls, teacher, student)
         schedule = None
-        if (ROOT / "configs" / "schedule" / "karras.yaml").exists():
+        if (ROOT / "diffdistill" / "configs" / "schedule" / "karras.yaml").exists():
             from hydra.utils import instantiate
 
-            schedule = instantiate(OmegaConf.load(ROOT / "configs" / "schedule" / "karras.yaml"))
+            schedule = instantiate(OmegaConf.load(ROOT / "diffdistill" / "configs" / "schedule" / "karras.yaml"))
         obj = make_objective(objective_node(objective, overrides), cls, teacher, roles, schedule)
     tcfg = TrainerConfig(
         max_steps=10**9,

@@ -3,7 +3,7 @@
 Inside diffdistill a noisy sample is ``x = x0 + sigma * eps`` in *unscaled* space, ``sigma`` is a
 float32 tensor of shape ``[B]`` and every network role is a denoiser ``D(x, sigma, cond) -> x0_hat``.
 
-Teachers with other parametrisations are converted at the edge with the maps below (design §1):
+Teachers with other parametrisations are converted at the edge with the maps below (docs/architecture.md §1):
 
 | family            | native sample                 | EDM view                                   |
 |-------------------|-------------------------------|--------------------------------------------|
@@ -182,7 +182,7 @@ PI_2 = math.pi / 2
 
 
 def consistency_precond(sigma: Tensor, sigma_data: float, sigma_min: float) -> tuple[Tensor, Tensor]:
-    """Boundary-condition scalings of consistency models (Song et al. 2023, App. C; losses.md §2).
+    """Boundary-condition scalings of consistency models (Song et al. 2023, App. C; ``openai/consistency_models``).
 
     ``c_skip = sigma_d^2 / ((sigma - sigma_min)^2 + sigma_d^2)``, ``c_out = (sigma - sigma_min) sigma_d /
     sqrt(sigma^2 + sigma_d^2)`` (the denominator of ``c_out`` uses ``sigma``, not ``sigma - sigma_min``), so

@@ -5,16 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from pathlib import Path
 
-_here = Path(__file__).resolve()
-# configs/ lives at the repository root in a checkout and inside the package when installed from a wheel
-CONFIG_DIR = str(
-    next(
-        (p for p in (_here.parents[2] / "configs", _here.parents[1] / "configs") if p.is_dir()),
-        _here.parents[2] / "configs",
-    )
-)
+from diffdistill.utils.paths import CONFIG_DIR as _CONFIG_DIR
+
+CONFIG_DIR = str(_CONFIG_DIR)
 
 log = logging.getLogger("diffdistill")
 
@@ -33,7 +27,14 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
     """Compose a diffdistill config from Python (notebooks, tests), with the same overrides as the CLI."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides or []))
+        cfg = compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=True)
+    # outside a Hydra run there is no runtime output folder: resolve it the way `hydra.run.dir` says
+    with open_dict(cfg):
+        if "run_dir" in cfg and str(cfg._get_node("run_dir")._value()).startswith("${hydra:"):
+            cfg.run_dir = cfg.hydra.run.dir
+        del cfg["hydra"]
+    return cfg

@@ -18,8 +18,13 @@ def run(cfg: DictConfig) -> dict:
 
     from diffdistill.training.builders import build_evaluator, build_trainer
 
-    trainer = build_trainer(cfg, evaluator=build_evaluator(cfg))
     run_dir = Path(cfg.run_dir)
+    if cfg.trainer.get("resume") is None and any((run_dir / f).exists() for f in ("config.yaml", "metrics.jsonl")):
+        raise FileExistsError(
+            f"run folder '{run_dir}' already holds a run; pass trainer.resume=auto to continue it or choose another "
+            "run_dir (nothing was overwritten)"
+        )
+    trainer = build_trainer(cfg, evaluator=build_evaluator(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     last = trainer.fit()

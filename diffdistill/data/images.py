@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from diffdistill.models.conditioning import Conditioning
+from diffdistill.models.conditioning import Batch, Conditioning
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-@dataclass
-class Batch:
-    """One training batch: real samples (``None`` for data-free objectives) and their conditioning."""
-
-    x0: Tensor | None
-    cond: Conditioning = field(default_factory=Conditioning)
-
-    @property
-    def batch_size(self) -> int:
-        return self.x0.shape[0] if self.x0 is not None else self.cond.batch_size
-
-    def to(self, device) -> Batch:
-        return Batch(None if self.x0 is None else self.x0.to(device), self.cond.to(device))
 
 
 class ImageTensorDataset:

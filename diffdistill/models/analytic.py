@@ -1,7 +1,7 @@
 """Exact denoisers of Gaussian and Gaussian-mixture data (closed form, no training).
 
 For data ``N(mu, s^2)`` per dimension, ``p_sigma = N(mu, s^2 + sigma^2)`` and the ideal denoiser is
-``D*(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu)`` (losses.md §9.1). For a mixture of isotropic
+``D*(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu)`` (docs/invariants.md §1). For a mixture of isotropic
 Gaussians ``sum_k pi_k N(mu_k, s_k^2 I)`` the posterior mean is the responsibility-weighted sum of the
 component denoisers. These teachers make every objective testable against ground truth.
 """
@@ -141,7 +141,7 @@ class GaussianMixtureDenoiser(Denoiser):
 class AffineDenoiser(Denoiser):
     """A toy student ``D(x, sigma) = a x / sigma + b`` so that one step from ``sigma z`` gives ``a z + b``.
 
-    The Gaussian toolkit of losses.md §9.1 parametrises the generator as ``x_g = a z + b``; the optimum is
+    The Gaussian toy of docs/invariants.md §1 parametrises the generator as ``x_g = a z + b``; the optimum is
     ``|a| = s``, ``b = mu``. ``a = 0`` is a stationary point of every method, so initialise ``a != 0``.
     """
 

@@ -1,8 +1,8 @@
-"""The conditioning passed to every denoiser: a dataclass, not keyword soup."""
+"""The conditioning passed to every denoiser (a dataclass, not keyword soup) and the training batch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -65,3 +65,18 @@ class Conditioning:
 
 def as_conditioning(cond: Conditioning | None) -> Conditioning:
     return Conditioning() if cond is None else cond
+
+
+@dataclass
+class Batch:
+    """One training batch: real samples (``None`` for data-free objectives) and their conditioning."""
+
+    x0: Tensor | None
+    cond: Conditioning = field(default_factory=Conditioning)
+
+    @property
+    def batch_size(self) -> int:
+        return self.x0.shape[0] if self.x0 is not None else self.cond.batch_size
+
+    def to(self, device) -> Batch:
+        return Batch(None if self.x0 is None else self.x0.to(device), self.cond.to(device))

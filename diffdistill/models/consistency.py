@@ -4,7 +4,7 @@
 * :func:`trigflow_F`: the TrigFlow network output ``F(x_t / sigma_d, t)`` of any EDM-convention denoiser (sCM).
 * :class:`AdaptiveWeight`: sCM's learned per-time loss weight ``w_phi(t)`` (Lu & Song 2024, Eq. 9).
 * :class:`AffineConsistencyDenoiser`: a two-parameter-per-dimension toy student whose family contains the exact
-  consistency function of Gaussian data (losses.md §9.1), for fast ground-truth tests.
+  consistency function of Gaussian data (docs/invariants.md §1), for fast ground-truth tests.
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ class AffineConsistencyDenoiser(AffineDenoiser):
     """Toy consistency student ``f(x, sigma) = b + sqrt((a^2 + sigma_b^2) / (a^2 + sigma^2)) (x - b)``.
 
     For data ``N(mu, s^2)`` per dimension the exact consistency function with boundary ``sigma_b`` is this family
-    at ``a = s``, ``b = mu`` (losses.md §9.1), so objectives can be checked against ground truth in a few hundred
-    steps. ``f(x, sigma_b) = x`` (up to rounding). ``sigma_b = 0`` is the boundary of ECT and sCM.
+    at ``a = s``, ``b = mu`` (docs/invariants.md §1), so objectives can be checked against ground truth in a few
+    hundred steps. ``f(x, sigma_b) = x`` (up to rounding). ``sigma_b = 0`` is the boundary of ECT and sCM.
     """
 
     def __init__(

@@ -1,4 +1,14 @@
-"""Distillation objectives; importing this package registers every objective in :data:`OBJECTIVES`."""
+"""Distillation objectives.
+
+Importing this package imports every module in it, and each module registers its classes with
+:func:`register_objective`: a new objective file is picked up by the CLI, the tests and the benchmarks
+without editing any list. ``diffdistill.objectives.<ClassName>`` resolves every registered class.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from diffdistill.objectives.base import (
     OBJECTIVES,
@@ -9,26 +19,20 @@ from diffdistill.objectives.base import (
     UpdateSchedule,
     register_objective,
 )
-from diffdistill.objectives.consistency import ConsistencyDistillation
-from diffdistill.objectives.dmd import DMD
-from diffdistill.objectives.ect import ECT, ICT
-from diffdistill.objectives.lcm import LCM
-from diffdistill.objectives.rcm import RCM
-from diffdistill.objectives.scm import SCM
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_") and _module.name not in ("base", "common"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+globals().update({cls.__name__: cls for cls in OBJECTIVES.values()})
 
 __all__ = [
-    "DMD",
-    "ECT",
-    "ICT",
-    "LCM",
     "OBJECTIVES",
-    "RCM",
-    "SCM",
-    "ConsistencyDistillation",
     "LossOutput",
     "Objective",
     "Paper",
     "PassCount",
     "UpdateSchedule",
     "register_objective",
+    *sorted(cls.__name__ for cls in OBJECTIVES.values()),
 ]

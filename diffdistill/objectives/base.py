@@ -1,4 +1,4 @@
-"""The objective contract (design §3): what every distillation method implements.
+"""The objective contract (docs/architecture.md §3): what every distillation method implements.
 
 An objective is a plain object built by keyword from the roles it needs (``teacher``, ``generator`` and,
 per method, ``fake_score``, ``discriminator``, ``target_generator``) plus its hyperparameters, whose
@@ -9,7 +9,7 @@ gradient state, devices and precision.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -63,7 +63,7 @@ class PassCount:
 
     ``forward`` counts forwards without a graph; ``forward_grad`` forwards that build a graph;
     ``backward`` backward passes (each ~2 forwards); ``jvp`` forward-mode passes. Used by the benchmarks
-    to compare measured cost with the pass-count estimate (peers.md §4.1).
+    to compare measured cost with the pass-count estimate (benchmarks/README.md, Method).
     """
 
     forward: float = 0.0
@@ -84,15 +84,27 @@ class Objective:
         paper: the citation.
         roles: trainable roles the trainer must build, optimise and checkpoint.
         frozen_roles: non-trainable roles the trainer builds and checkpoints (e.g. an EMA target).
+        generator_roles: the trainable roles updated by :meth:`generator_loss` (the others are critics,
+            updated by :meth:`critic_loss`).
         requires_real_data: whether batches must carry real samples (GAN terms, consistency training).
+
+    The hooks the trainer and the builder call are all declared here with their defaults; an objective
+    overrides only what it needs.
     """
 
     name: ClassVar[str] = ""
     paper: ClassVar[Paper | None] = None
     roles: ClassVar[tuple[str, ...]] = ("generator",)
     frozen_roles: ClassVar[tuple[str, ...]] = ()
+    generator_roles: ClassVar[tuple[str, ...]] = ("generator",)
     requires_real_data: ClassVar[bool] = False
     update_schedule: UpdateSchedule = UpdateSchedule()
+
+    @classmethod
+    def build_role(cls, name: str, teacher: nn.Module, roles: dict[str, nn.Module]) -> nn.Module:
+        """Build a role the generic builder does not know (it knows ``generator``, ``fake_score`` and
+        ``target_generator``); ``roles`` holds those built so far."""
+        raise ValueError(f"objective '{cls.name}' declares role '{name}' but does not build it (override build_role)")
 
     def generator_loss(self, batch, step: int) -> LossOutput:
         raise NotImplementedError
@@ -102,6 +114,15 @@ class Objective:
 
     def on_step_end(self, step: int) -> None:
         """Hook after each iteration (target-network EMA updates)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Objective state that is not a role (counters, running statistics); saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"objective '{self.name}' keeps no state, but the checkpoint holds {sorted(state)}")
 
     def auxiliary_modules(self) -> dict[str, nn.Module]:
         """Frozen helper networks of the loss that are not roles (e.g. LPIPS); the trainer places them."""

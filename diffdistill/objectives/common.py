@@ -1,4 +1,4 @@
-"""Shared math of the objectives, as pure functions (design §3)."""
+"""Shared math of the objectives, as pure functions (docs/architecture.md §3)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ def add_noise(x0: Tensor, sigma: Tensor, noise: Tensor | None = None) -> tuple[T
 
 
 def gradient_injection_loss(x: Tensor, grad: Tensor) -> Tensor:
-    """Surrogate ``1/2 mean((x - sg(x - g))^2)`` whose gradient w.r.t. ``x`` is ``g / numel`` (losses.md §1.4).
+    """Surrogate ``1/2 mean((x - sg(x - g))^2)`` whose gradient w.r.t. ``x`` is ``g / numel``.
 
+    As in DMD2's official code (``tianweiy/DMD2``, ``main/edm/edm_guidance.py``); see docs/invariants.md §5.
     Returned per sample (mean over the sample's elements), so the trainer's batch mean reproduces DMD2's
     global mean exactly.
     """

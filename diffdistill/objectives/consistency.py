@@ -1,6 +1,7 @@
 """Consistency Distillation (CD) and the pieces shared by the consistency family.
 
-Song, Dhariwal, Chen, Sutskever, "Consistency Models" (ICML 2023, arXiv:2303.01469); losses.md §2.
+Song, Dhariwal, Chen, Sutskever, "Consistency Models" (ICML 2023, arXiv:2303.01469); official code
+``openai/consistency_models``, ``cm/karras_diffusion.py``.
 
 Symbols -> paper (Alg. 2):
     sigma_n > sigma_{n+1}    adjacent points of the descending Karras grid with N scales (``num_scales``)
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from diffdistill.conventions import append_dims
-from diffdistill.data.images import Batch
+from diffdistill.models.conditioning import Batch
 from diffdistill.models.consistency import wrap_boundary_condition
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
 from diffdistill.objectives.common import add_noise, per_sample_mean, pseudo_huber

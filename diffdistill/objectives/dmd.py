@@ -3,7 +3,7 @@
 Yin et al., "One-step Diffusion with Distribution Matching Distillation" (CVPR 2024, arXiv:2311.18828) and
 "Improved Distribution Matching Distillation for Fast Image Synthesis" (NeurIPS 2024, arXiv:2405.14867).
 
-Symbols -> paper (DMD v1 §3.2, DMD2 §4; losses.md §5):
+Symbols -> paper (DMD v1 §3.2, DMD2 §4; official code ``tianweiy/DMD2`` ``main/edm/edm_guidance.py``):
     x          = G_theta(z), the one-step sample (``generator``)
     x_t        = x + sigma eps, the same noisy point for both scores
     x0_real    = mu_base(x_t, t) with CFG  (``teacher``)
@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffdistill.data.images import Batch
-from diffdistill.models.conditioning import Conditioning
+from diffdistill.models.conditioning import Batch, Conditioning
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
 from diffdistill.objectives.common import (
     add_noise,
@@ -105,7 +104,7 @@ class DMD(Objective):
             # (DMD Eq. 8) per-sample normalised gradient
             g = dmd_gradient(x.detach(), x0_real, x0_fake, self.normalize)
         self._cache = (x.detach(), cond)
-        # (losses.md §1.4) inject g through the surrogate MSE
+        # inject g through the surrogate MSE (as DMD2's code does; docs/invariants.md §5)
         loss = gradient_injection_loss(x, g)
         return LossOutput(
             loss, {"dm_grad_norm": float(g.flatten(1).norm(dim=1).mean()), "dm_sigma_mean": float(sigma.mean())}

@@ -1,12 +1,12 @@
 """Consistency training and tuning: iCT (Song & Dhariwal 2023) and ECT (Geng et al. 2024).
 
-iCT, "Improved Techniques for Training Consistency Models" (arXiv:2310.14189); losses.md §3.1:
+iCT, "Improved Techniques for Training Consistency Models" (arXiv:2310.14189; no official code):
     sigma_i < sigma_{i+1}    adjacent points of the ascending Karras grid with N(k) points (doubling curriculum)
     p(i)                     discrete log-normal over the N(k)-1 pairs (P_mean = -1.1, P_std = 2)
     L = 1/(sigma_{i+1} - sigma_i) d(f_theta(x0 + sigma_{i+1} z, sigma_{i+1}), f_sg(theta)(x0 + sigma_i z, sigma_i))
     d = pseudo-Huber on the flattened sample, c = 0.00054 sqrt(D)
 
-ECT, "Consistency Models Made Easy" (arXiv:2406.14548), ``locuslab/ect`` ``training/loss.py``; losses.md §3.2:
+ECT, "Consistency Models Made Easy" (arXiv:2406.14548), ``locuslab/ect`` ``training/loss.py``:
     t = exp(P_mean + P_std xi),  r = max(0, t [1 - q^-(s+1) (1 + k sigmoid(-b t))])  (stage s)
     L = (sqrt(||D_theta(x_t, t) - D_sg(theta)(x_r, r)||^2 + c^2) - c) / (t - r),  D_sg(x_r, r) := x0 where r = 0
 Both use the online weights without gradient as the target (no EMA), the same noise for both points and the
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from diffdistill.conventions import append_dims
-from diffdistill.data.images import Batch
+from diffdistill.models.conditioning import Batch
 from diffdistill.models.consistency import wrap_boundary_condition
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
 from diffdistill.objectives.common import pseudo_huber

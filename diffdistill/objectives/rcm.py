@@ -1,8 +1,9 @@
 """rCM: score-regularised continuous-time consistency distillation.
 
 Zheng et al., "Large Scale Diffusion Distillation via Score-Regularized Continuous-Time Consistency" (ICLR 2026;
-code NVlabs/rcm), losses.md §4.2. rCM = sCD with rCM's tangent warm-up + a DMD-style score-distillation
-regulariser on few-step samples, with a fake score trained 4 : 1 against the student after the warm-up.
+arXiv:2510.08431; code NVlabs/rcm, ``rcm/models/t2v_model_distill_rcm.py``). rCM = sCD with rCM's tangent
+warm-up + a DMD-style score-distillation regulariser on few-step samples, with a fake score trained 4 : 1
+against the student after the warm-up.
 
     student step (iter < H, or (iter - H) % 5 == 0):
         L = 100 sum_dims ||F_theta - F- - g||^2                          (sCM term, rCM warm-up, no adaptive weight)
@@ -10,7 +11,7 @@ regulariser on few-step samples, with a fake score trained 4 : 1 against the stu
         x0 = backward simulation with n = (iter mod 4) + 1 student steps, gradient through the last one only
         Delta = (x0_fake(x_tD) - x0_teacher^cfg(x_tD)) / max(1e-5, mean |x0 - x0_teacher^cfg(x_tD)|)
     critic step (otherwise):
-        L = sum_dims ||x0 - x0_fake(x_tD, t_D)||^2 / sin^2 t_D           (flow-space MSE; losses.md §9.4.6)
+        L = sum_dims ||x0 - x0_fake(x_tD, t_D)||^2 / sin^2 t_D           (flow-space MSE; docs/invariants.md §4)
 
 Times: the sCM term draws t from sCM's log-normal ``p_G``; the regulariser and the critic draw sigma from DMD2's
 Karras-index density (``min_step_percent``..``max_step_percent`` of the teacher's grid). rCM's Wan recipe uses a
@@ -25,8 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from diffdistill.conventions import append_dims
-from diffdistill.data.images import Batch
-from diffdistill.models.conditioning import Conditioning
+from diffdistill.models.conditioning import Batch, Conditioning
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
 from diffdistill.objectives.common import add_noise, dm_timestep_grid, karras_index_sigmas
 from diffdistill.objectives.dmd import dmd_gradient
@@ -40,7 +40,7 @@ def rcm_critic_loss(
     """Per-sample ``sum_dims ||x0 - x0_fake(x_t, t)||^2 / sin^2 t`` at ``sigma = sigma_d tan t`` (rCM critic).
 
     ``sin^2 t = sigma^2 / (sigma^2 + sigma_d^2)``; with ``sigma_d = 1`` this is the flow-space MSE
-    ``||F_fake - (cos t x_t - x0) / sin t||^2`` (losses.md §9.4.6).
+    ``||F_fake - (cos t x_t - x0) / sin t||^2`` (docs/invariants.md §4).
     """
     x_t, _ = add_noise(x0, sigma, noise)
     sin2 = sigma**2 / (sigma**2 + sigma_data**2)

@@ -1,7 +1,8 @@
 """sCM: continuous-time consistency models in TrigFlow (sCT and sCD).
 
-Lu & Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models" (arXiv:2410.11081);
-losses.md §4.1. Symbols -> paper:
+Lu & Song, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models" (arXiv:2410.11081;
+no official code; re-implemented in NVlabs/FastGen, ``fastgen/methods/consistency_model/sCM.py``).
+Symbols -> paper:
     x_t = cos t x0 + sin t z,  z ~ N(0, sigma_d^2 I),  t = arctan(e^tau / sigma_d),  tau ~ N(P_mean, P_std^2)
     f_theta(x_t, t) = cos t x_t - sigma_d sin t F_theta(x_t / sigma_d, t)               (Eq. 7)
     dx_t/dt = sigma_d F_teacher(x_t / sigma_d, t) with CFG (sCD)  or  cos t z - sin t x0 (sCT)
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from diffdistill.conventions import append_dims
-from diffdistill.data.images import Batch
+from diffdistill.models.conditioning import Batch
 from diffdistill.models.consistency import AdaptiveWeight, trigflow_F
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
 from diffdistill.objectives.common import per_sample_mean
@@ -91,8 +92,9 @@ def scm_tangent(
     """sCM's target direction ``g`` with tangent warm-up ``r``; ``dFdt_cs`` is ``cos t sin t dF-/dt``.
 
     ``variant="scm"`` (paper, Eq. 8): ``g = -cos^2 t (sigma_d F- - dx/dt) - r cos t sin t (x_t + sigma_d dF-/dt)``.
-    ``variant="rcm"`` (``NVlabs/rcm``, losses.md §4.2): ``g = -cos t sqrt(1 - r^2 sin^2 t) (sigma_d F- - dx/dt)
-    - (r cos t sin t x_t + sigma_d cos t sin t dF-/dt)``: the ``dF/dt`` term is not warmed up.
+    ``variant="rcm"`` (``NVlabs/rcm``, ``rcm/models/t2v_model_distill_rcm.py``):
+    ``g = -cos t sqrt(1 - r^2 sin^2 t) (sigma_d F- - dx/dt) - (r cos t sin t x_t + sigma_d cos t sin t dF-/dt)``:
+    the ``dF/dt`` term is not warmed up.
     Both equal ``cos t df-/dt`` at ``r = 1``.
     """
     c, s = torch.cos(append_dims(t, x_t.ndim)), torch.sin(append_dims(t, x_t.ndim))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -119,10 +120,8 @@ def build_roles(objective_cls: type[Objective], teacher: Teacher, student: DictC
             roles[r] = FakeScore.from_teacher(teacher)
         elif r == "target_generator":  # frozen parts of the generator (a LoRA base) are shared, not copied
             roles[r] = copy_sharing_frozen(roles["generator"])
-        elif hasattr(objective_cls, "build_role"):
-            roles[r] = objective_cls.build_role(r, teacher=teacher, roles=roles)
         else:
-            raise ValueError(f"don't know how to build role '{r}' of objective '{objective_cls.name}'")
+            roles[r] = objective_cls.build_role(r, teacher=teacher, roles=roles)
     for r in objective_cls.frozen_roles:
         roles[r].requires_grad_(False)
     return roles
@@ -164,8 +163,12 @@ def build_experiment(cfg: DictConfig, with_objective: bool = True) -> Experiment
 
 def build_trainer(cfg: DictConfig, evaluator=None):
     """The full run: experiment + :class:`DistillTrainer` with the resolved config recorded."""
+    from diffdistill.training.logging import LoggerConfig
     from diffdistill.training.trainer import DistillTrainer, TrainerConfig
 
+    logger = _instantiate(cfg.logger, "logger (logger group)") if cfg.get("logger") else None
+    if logger is not None and not isinstance(logger, LoggerConfig):
+        raise ValueError("logger group must build a LoggerConfig")
     exp = build_experiment(cfg)
     tcfg = _instantiate(cfg.trainer, "trainer")
     if not isinstance(tcfg, TrainerConfig):
@@ -182,6 +185,7 @@ def build_trainer(cfg: DictConfig, evaluator=None):
         optim,
         evaluator,
         OmegaConf.to_container(cfg, resolve=True),
+        logger=logger,
     )
 
 
@@ -194,3 +198,28 @@ def build_evaluator(cfg: DictConfig):
         exp_data = _instantiate(cfg.data, "dataset (data group)")
         ev = ev(reference=exp_data)
     return ev if callable(ev) and not isinstance(ev, dict) else None
+
+
+def load_generator(checkpoint_path: str | Path, ema: str | float | None = "auto") -> nn.Module:
+    """Rebuild the generator of a training checkpoint (from the run config it holds) with its weights.
+
+    Args:
+        checkpoint_path: a ``step*.pt`` / ``last.pt`` file written by :class:`DistillTrainer`.
+        ema: ``"auto"`` (the highest-decay EMA track), a decay value, or ``None`` (online weights).
+    """
+    from diffdistill.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint_path)
+    if not state.get("config"):
+        raise ValueError(f"checkpoint '{checkpoint_path}' holds no run config; it cannot be rebuilt")
+    # the objective is built too: some wrap the generator (e.g. the CD boundary condition) at construction
+    exp = build_experiment(OmegaConf.create(state["config"]), with_objective=True)
+    gen = exp.roles["generator"]
+    if ema is None or not state["ema"]:
+        gen.load_state_dict(state["roles"]["generator"])
+    else:
+        key = max(state["ema"], key=float) if ema == "auto" else str(float(ema))
+        if key not in state["ema"]:
+            raise ValueError(f"checkpoint has EMA tracks {list(state['ema'])}, not {ema}")
+        gen.load_state_dict(state["ema"][key]["module"])
+    return gen.eval()

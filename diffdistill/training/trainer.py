@@ -1,4 +1,4 @@
-"""The one training loop of diffdistill (design §4), on ``accelerate``.
+"""The one training loop of diffdistill (docs/architecture.md §4), on ``accelerate``.
 
 Every objective runs here: one optimiser per trainable role, the objective's update schedule, gradient
 clipping, skip-and-log on non-finite losses or gradients, EMA tracks of the generator, sample grids
@@ -26,9 +26,9 @@ from diffdistill.sampling import heun_sample
 from diffdistill.schedules.karras import karras_sigmas
 from diffdistill.training.checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
 from diffdistill.training.ema import EMA
-from diffdistill.training.logging import RunLogger
+from diffdistill.training.logging import LoggerConfig, MetricWindow, TrackerLogger, build_trackers
 from diffdistill.training.optim import OptimizerSpec
-from diffdistill.utils.images import save_side_by_side
+from diffdistill.utils.images import figure_to_image, save_png, side_by_side_image
 
 log = logging.getLogger("diffdistill")
 
@@ -99,6 +99,7 @@ class DistillTrainer:
         optim: optimiser settings.
         evaluator: optional ``evaluator(generator, step) -> dict`` called every ``eval_every`` steps.
         run_config: the resolved run config, saved in each checkpoint.
+        logger: trackers besides ``metrics.jsonl`` (default: TensorBoard under ``<run_dir>/tb``).
     """
 
     def __init__(
@@ -112,6 +113,7 @@ class DistillTrainer:
         optim: OptimizerSpec | None = None,
         evaluator=None,
         run_config: dict[str, Any] | None = None,
+        logger: LoggerConfig | None = None,
     ):
         from accelerate import Accelerator
 
@@ -132,10 +134,14 @@ class DistillTrainer:
         if cpu and mp != "no":
             log.warning("mixed_precision=%s requested on CPU: training in fp32 instead (no bf16 units assumed)", mp)
             mp = "no"
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mp)
+        self.logger_config = logger if logger is not None else LoggerConfig()
+        trackers = build_trackers(self.logger_config, self.run_dir)  # fails here on an unusable tracker
+        self.accelerator = Accelerator(
+            cpu=cpu, mixed_precision=mp, log_with=trackers or None, project_dir=str(self.run_dir)
+        )
         self.device = self.accelerator.device
         self.teacher.to(self.device)
-        self.generator_roles = tuple(getattr(objective, "generator_roles", ("generator",)))
+        self.generator_roles = tuple(objective.generator_roles)
         self.critic_roles = tuple(r for r in objective.roles if r not in self.generator_roles)
         self.optimizers, self.schedulers = {}, {}
         # what each role trains, fixed now: frozen parts of a role (a LoRA student's base) stay frozen
@@ -177,7 +183,7 @@ class DistillTrainer:
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "ema": {str(d): e.state_dict() for d, e in self.emas.items()},
-            "objective_state": getattr(self.objective, "state_dict", lambda: {})(),
+            "objective_state": self.objective.state_dict(),
             "data": self.batcher.state_dict(),
             "rng": rng_state(),
             "nonfinite": dict(self.nonfinite),
@@ -199,8 +205,7 @@ class DistillTrainer:
         for d, sd in state["ema"].items():
             if float(d) in self.emas:
                 self.emas[float(d)].load_state_dict(sd)
-        if hasattr(self.objective, "load_state_dict") and state.get("objective_state"):
-            self.objective.load_state_dict(state["objective_state"])
+        self.objective.load_state_dict(state.get("objective_state") or {})
         self.batcher.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.nonfinite = dict(state.get("nonfinite", self.nonfinite))
@@ -326,7 +331,21 @@ class DistillTrainer:
 
     @torch.no_grad()
     def sample_grid(self) -> dict[str, float]:
-        """Teacher (Heun, many steps) beside the student's EMA one-step samples, same seeds."""
+        """Teacher (Heun, many steps) beside the student's EMA one-step samples, same seeds; writes the PNG."""
+        return self._sample_grid()[0]
+
+    def _grid_labels(self, few_steps: int | None) -> tuple[str, list[str]]:
+        """The figure title (objective, training step) and one header per panel (sampler, steps, NFE)."""
+        n = self.cfg.teacher_sample_steps
+        ema = f" (EMA {max(self.emas):g})" if self.emas else " (online)"
+        labels = [f"teacher: Heun {n} step{'s' if n > 1 else ''} ({2 * n - 1} NFE)", f"student{ema}: 1 step (1 NFE)"]
+        if few_steps is not None:
+            labels.append(f"student{ema}: {few_steps} steps ({few_steps} NFE)")
+        return f"{self.objective.name}: training step {self.step}", labels
+
+    @torch.no_grad()
+    def _sample_grid(self) -> tuple[dict[str, float], Any]:
+        """``(stats, image)``: sample statistics and the labelled figure (``None`` for non-image, non-2-D data)."""
         z, cond = self._grid_inputs()
         gen = self.ema_generator()
         with torch.random.fork_rng():
@@ -345,26 +364,35 @@ class DistillTrainer:
             if len(gen.sampling_sigmas) > 1:
                 few = gen.sample(z, cond, generator=torch.Generator(z.device).manual_seed(0))
         stats = {"sample_mean": float(student.mean()), "sample_std": float(student.std())}
+        title, labels = self._grid_labels(len(gen.sampling_sigmas) if few is not None else None)
+        panels = [teacher, student] + ([few] if few is not None else [])
+        path = self.run_dir / "samples" / f"step{self.step:07d}.png"
+        image = None
         if student.ndim == 4:
-            panels = [teacher, student] + ([few] if few is not None else [])
-            save_side_by_side(panels, self.run_dir / "samples" / f"step{self.step:07d}.png")
+            image = side_by_side_image(panels, labels, title)
+            save_png(image, path)
         elif student.ndim == 2 and student.shape[1] == 2:
-            self._scatter(teacher, student)
-        return stats
+            image = self._scatter(panels, labels, title, path)
+        return stats, image
 
-    def _scatter(self, teacher, student) -> None:
+    def _scatter(self, panels: list[torch.Tensor], labels: list[str], title: str, path: Path):
+        """2-D samples as one labelled scatter plot per panel, saved to ``path``; returns the figure as an image."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
-        for a, pts, title in ((ax[0], teacher, "teacher (Heun)"), (ax[1], student, f"student 1-step @ {self.step}")):
-            a.scatter(*pts.cpu().T, s=4)
-            a.set_title(title)
-        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.run_dir / "samples" / f"step{self.step:07d}.png", dpi=80)
+        fig, ax = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), sharex=True, sharey=True, squeeze=False)
+        for a, pts, label in zip(ax[0], panels, labels):
+            a.scatter(*pts.float().cpu().T, s=4)
+            a.set_title(label, fontsize=10)
+        fig.suptitle(title)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        image = figure_to_image(fig)
         plt.close(fig)
+        return image
 
     def ema_generator(self, decay: float | None = None) -> nn.Module:
         """The generator with EMA weights (the highest-decay track by default)."""
@@ -376,85 +404,87 @@ class DistillTrainer:
     # ------------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, float]:
-        """Train to ``max_steps`` (resuming if configured); returns the last logged scalars."""
+        """Train to ``max_steps`` (resuming if configured); returns the last logged scalars.
+
+        Each ``train`` record holds every scalar averaged over the iterations since the previous record (each
+        key over the iterations that produced it), plus ``generator_updates``, ``critic_updates`` and
+        ``skipped`` counted over that window.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resume = self._resume_path()
         if resume is None:
             seed_everything(self.cfg.seed)
-        logger = RunLogger(self.run_dir)
-        if resume is not None:
-            self.load_state_dict(load_checkpoint(resume))
-            logger.truncate_after(self.step)
-            log.info("resumed from %s at step %d", resume, self.step)
+        logger = TrackerLogger(self.run_dir, self.accelerator, self.logger_config, self.run_config)
         last: dict[str, float] = {}
-        bar = tqdm(
-            total=self.cfg.max_steps,
-            initial=self.step,
-            desc=f"{self.objective.name}",
-            dynamic_ncols=True,
-            mininterval=2,
-        )
+        try:
+            if resume is not None:
+                self.load_state_dict(load_checkpoint(resume))
+                logger.truncate_after(self.step)
+                log.info("resumed from %s at step %d", resume, self.step)
+            bar = tqdm(
+                total=self.cfg.max_steps,
+                initial=self.step,
+                desc=f"{self.objective.name}",
+                dynamic_ncols=True,
+                mininterval=2,
+            )
+            try:
+                last = self._loop(logger, bar)
+            finally:
+                bar.close()
+        finally:
+            logger.close()
+        return last
+
+    def _loop(self, logger: TrackerLogger, bar) -> dict[str, float]:
+        """The iterations of :meth:`fit`, with logging, samples, evaluation and checkpoints on schedule."""
         t0 = time.time()
         c = self.cfg
-        try:
-            while not self._budget_spent():
-                tic = time.perf_counter()
-                logs = self.train_step()
-                self.train_seconds += time.perf_counter() - tic
-                bar.update(1)
-                end = self._budget_spent()
-                if end and self.step < c.max_steps:
-                    log.info("max_time_s=%g reached at step %d", c.max_time_s, self.step)
-                if c.log_every and (self.step % c.log_every == 0 or end):
-                    logs = {
-                        **logs,
-                        "sec": time.time() - t0,
-                        "train_sec": self.train_seconds,
-                        "lr": self.schedulers["generator"].get_last_lr()[0],
-                    }
-                    logger.log(self.step, logs)
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")})
-                    last = logs
-                if c.sample_every and (self.step % c.sample_every == 0 or end):
-                    logger.log(self.step, self.sample_grid(), kind="samples")
-                if self.evaluator is not None and c.eval_every and (self.step % c.eval_every == 0 or end):
-                    with torch.random.fork_rng():
-                        metrics = self.evaluator(self.ema_generator(), self.step)
-                    logger.log(self.step, metrics, kind="eval")
-                if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or end):
-                    self.save_checkpoint()
-        finally:
-            bar.close()
-            logger.close()
+        window = MetricWindow(sum_keys=("generator_updates", "critic_updates", "skipped"))
+        shown: dict[str, str] = {"generator_loss": "-", "critic_loss": "-"} if self.critic_roles else {}
+        last: dict[str, float] = {}
+        while not self._budget_spent():
+            skipped = self.nonfinite["skipped"]
+            tic = time.perf_counter()
+            logs = self.train_step()
+            self.train_seconds += time.perf_counter() - tic
+            window.add(
+                {
+                    **logs,
+                    "generator_updates": int("generator_loss" in logs),
+                    "critic_updates": int("critic_loss" in logs),
+                    "skipped": self.nonfinite["skipped"] - skipped,
+                }
+            )
+            bar.update(1)
+            end = self._budget_spent()
+            if end and self.step < c.max_steps:
+                log.info("max_time_s=%g reached at step %d", c.max_time_s, self.step)
+            if c.log_every and (self.step % c.log_every == 0 or end):
+                rec = {
+                    **window.pop(),
+                    "sec": time.time() - t0,
+                    "train_sec": self.train_seconds,
+                    "lr": self.schedulers["generator"].get_last_lr()[0],
+                }
+                logger.log(self.step, rec)
+                # the last known value of each loss: a window without a generator update keeps the previous one
+                shown.update({k: f"{v:.3g}" for k, v in rec.items() if k.endswith("_loss")})
+                bar.set_postfix(shown, refresh=False)
+                last = rec
+            if c.sample_every and (self.step % c.sample_every == 0 or end):
+                stats, image = self._sample_grid()
+                logger.log(self.step, stats, kind="samples")
+                if image is not None:
+                    logger.log_images(self.step, {"samples": image})
+            if self.evaluator is not None and c.eval_every and (self.step % c.eval_every == 0 or end):
+                with torch.random.fork_rng():
+                    metrics = self.evaluator(self.ema_generator(), self.step)
+                logger.log(self.step, metrics, kind="eval")
+            if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or end):
+                self.save_checkpoint()
         return last
 
     def _budget_spent(self) -> bool:
         c = self.cfg
         return self.step >= c.max_steps or (c.max_time_s > 0 and self.train_seconds >= c.max_time_s)
-
-
-def load_generator(checkpoint_path: str | Path, ema: str | float | None = "auto") -> nn.Module:
-    """Rebuild the generator of a training checkpoint (from the run config it holds) with its weights.
-
-    Args:
-        checkpoint_path: a ``step*.pt`` / ``last.pt`` file written by :class:`DistillTrainer`.
-        ema: ``"auto"`` (the highest-decay EMA track), a decay value, or ``None`` (online weights).
-    """
-    from omegaconf import OmegaConf
-
-    from diffdistill.training.builders import build_experiment
-
-    state = load_checkpoint(checkpoint_path)
-    if not state.get("config"):
-        raise ValueError(f"checkpoint '{checkpoint_path}' holds no run config; it cannot be rebuilt")
-    # the objective is built too: some wrap the generator (e.g. the CD boundary condition) at construction
-    exp = build_experiment(OmegaConf.create(state["config"]), with_objective=True)
-    gen = exp.roles["generator"]
-    if ema is None or not state["ema"]:
-        gen.load_state_dict(state["roles"]["generator"])
-    else:
-        key = max(state["ema"], key=float) if ema == "auto" else str(float(ema))
-        if key not in state["ema"]:
-            raise ValueError(f"checkpoint has EMA tracks {list(state['ema'])}, not {ema}")
-        gen.load_state_dict(state["ema"][key]["module"])
-    return gen.eval()

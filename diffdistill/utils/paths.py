@@ -1,11 +1,14 @@
-"""Project paths: the cache (weights, reference statistics) and the packaged assets."""
+"""Project paths: the cache (weights, reference statistics), the packaged assets and the Hydra configs."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+PACKAGE = Path(__file__).resolve().parent.parent
+ASSETS = PACKAGE / "assets"
+# the one config root: package data, so a checkout and a wheel install find it at the same place
+CONFIG_DIR = PACKAGE / "configs"
 
 
 def cache_dir() -> Path:

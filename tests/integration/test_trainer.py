@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
+from diffdistill import load_generator
 from diffdistill.cli.train import run
 from diffdistill.objectives.base import LossOutput
 from diffdistill.training.builders import build_trainer
 from diffdistill.training.checkpoint import load_checkpoint
-from diffdistill.training.trainer import NonFiniteError, load_generator
+from diffdistill.training.trainer import NonFiniteError
 from tests.helpers import TINY, compose_train
 
 

@@ -102,7 +102,7 @@ def test_karras_grid():
     expect = (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert s[i].item() == pytest.approx(expect, rel=1e-5)
     asc = KarrasSchedule().sigmas(ascending=True)
-    # DMD2's ascending 1000-level grid (losses.md §5.2)
+    # DMD2's ascending 1000-level grid (tianweiy/DMD2, main/edm/edm_guidance.py)
     assert asc[20].item() == pytest.approx(0.0032, abs=1e-4)
     assert asc[980].item() == pytest.approx(72.05, abs=0.05)
     assert karras_sigmas(3, append_zero=True)[-1] == 0

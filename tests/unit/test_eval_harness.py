@@ -137,7 +137,7 @@ def test_cli_run_dir(tmp_path, monkeypatch, no_network):
 
     monkeypatch.setitem(
         __import__("sys").modules,
-        "diffdistill.training.trainer",
+        "diffdistill.training.builders",
         types.SimpleNamespace(load_generator=fake_load_generator),
     )
     from omegaconf import OmegaConf

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from diffdistill import load_generator
 from diffdistill.models.conditioning import Conditioning
 from diffdistill.models.lora import SharedBaseDenoiser, adapters_disabled, has_lora, lora_state_dict
 from diffdistill.training.builders import build_experiment, build_trainer
-from diffdistill.training.trainer import load_generator
 from tests.helpers import TINY, compose_train
 
 LORA = ["student.lora={rank:4,alpha:4}"]

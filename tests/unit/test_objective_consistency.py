@@ -1,4 +1,4 @@
-"""The consistency family (CD, iCT, ECT, LCM, sCM) against the invariants of losses.md §9.2-9.4 and Gaussian toys.
+"""The consistency family (CD, iCT, ECT, LCM, sCM) against the invariants of docs/invariants.md §2-4 and Gaussian toys.
 
 Toy runs use data N(0.3, 0.8^2) in d = 16 dims with its exact (analytic) teacher and the
 :class:`AffineConsistencyDenoiser` student, whose family contains the exact consistency function; samples are
@@ -8,7 +8,6 @@ checked on 4096 x 16 values (sampling error of the mean ~0.003, of the std ~0.00
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -37,12 +36,12 @@ def toy():
 
 
 def f_star(x, sigma, sigma_b=0.002):
-    """Exact consistency function of N(MU, S^2) with boundary sigma_b (losses.md §9.1)."""
+    """Exact consistency function of N(MU, S^2) with boundary sigma_b (docs/invariants.md §1)."""
     return MU + ((S**2 + sigma_b**2) / (S**2 + append_dims(sigma, x.ndim) ** 2)).sqrt() * (x - MU)
 
 
 # ---------------------------------------------------------------------------------------------
-# §9.2 consistency distillation
+# consistency distillation (docs/invariants.md §2)
 
 
 def test_boundary_exact_for_arbitrary_network():
@@ -79,7 +78,7 @@ def test_wrapper_edm_path_equals_generic_path():
 
 @pytest.mark.parametrize("N,bound", [(18, 1.6e-2), (40, 1.4e-3), (80, 1.7e-4)])
 def test_heun_teacher_local_error(toy, N, bound):
-    """losses.md §9.2.2: one Heun step of the exact teacher moves f* by at most the bound (worst step, RMS over
+    """docs/invariants.md §2: one Heun step of the exact teacher moves f* by at most the bound (worst step, RMS over
     256 x 16 samples; N(0.3, 0.8^2) gives 1.2e-2 / 1.1e-3 / 1.3e-4, and the max over samples is ~4x larger)."""
     torch.manual_seed(0)
     teacher = Teacher(toy.teacher())
@@ -170,7 +169,7 @@ def test_shared_dropout_rng():
 
 
 # ---------------------------------------------------------------------------------------------
-# §9.3 iCT / ECT
+# iCT / ECT (docs/invariants.md §3)
 
 
 def test_pseudo_huber_on_flattened_norm():
@@ -225,7 +224,7 @@ def test_ect_clean_target_where_r_is_zero():
 
 
 def test_weighted_l2_limit_as_r_approaches_t(toy):
-    """losses.md §9.3.4: ||f(x_t, t) - f(x_r, r)|| / (t - r) tends to a finite non-zero limit for a
+    """docs/invariants.md §3: ||f(x_t, t) - f(x_r, r)|| / (t - r) tends to a finite non-zero limit for a
     non-consistent f and to 0 for the exact consistency function f* (x_r on the teacher's ODE from x_t)."""
     torch.manual_seed(0)
     teacher = Teacher(toy.teacher())
@@ -265,7 +264,7 @@ def test_weighted_l2_limit_as_r_approaches_t(toy):
 
 
 # ---------------------------------------------------------------------------------------------
-# §9.4 sCM
+# sCM (docs/invariants.md §4)
 
 
 @pytest.mark.parametrize("t", [0.1, 0.7, 1.3, 1.5])
@@ -298,7 +297,7 @@ def test_jvp_matches_finite_differences():
     with torch.no_grad():
         F_a, dF_a = trigflow_jvp(fn, x_t, t, dxdt, "autograd")
         F_f, dF_f = trigflow_jvp(fn, x_t, t, dxdt, "finite_difference", 1e-3)
-        h = 1e-4  # the one-sided formula of losses.md §9.4.3
+        h = 1e-4  # the one-sided formula of docs/invariants.md §4
         cs = append_dims(torch.cos(t) * torch.sin(t), 2)
         dF_1 = (fn(x_t + h * cs * dxdt, t + h * cs[:, 0]) - fn(x_t, t)) / h
     assert torch.allclose(F_a, F_f)
@@ -340,7 +339,7 @@ def test_tangent_normalisation_and_warmup():
 
 
 def test_rcm_and_scm_warmup_variants():
-    """losses.md §9.4.4: both variants agree at r = 1; at r = 0 sCM keeps -cos^2 t (sigma_d F- - dx/dt) whereas
+    """docs/invariants.md §4: both variants agree at r = 1; at r = 0 sCM keeps -cos^2 t (sigma_d F- - dx/dt) whereas
     rCM keeps -cos t (F- - F_teacher) - cos t sin t dF-/dt (sigma_d = 1, dx/dt = F_teacher)."""
     torch.manual_seed(0)
     x_t, F, F_teacher, dF = (torch.randn(6, DIM) for _ in range(4))
@@ -478,9 +477,7 @@ def test_toy_scm_reaches_data(toy, mode, backend):
     torch.manual_seed(0)
     gen = _affine_gen(boundary=0.0)
     obj = SCM(teacher=Teacher(toy.teacher()), generator=gen, mode=mode, jvp_backend=backend, tangent_warmup_steps=200)
-    t0 = time.time()
     one, two = _train(obj, gen, toy, 600 if mode == "scd" else 800, lr=1e-2)
-    assert time.time() - t0 < 20
     assert_near_data(one, two, tol_std=0.03 if mode == "scd" else 0.04, tol_mean=0.03 if mode == "scd" else 0.04)
 
 
@@ -489,8 +486,8 @@ def test_toy_scm_reaches_data(toy, mode, backend):
 
 
 def test_registry_papers_and_pass_counts(toy):
-    for name in ("cd", "ict", "ect", "lcm", "scm"):
-        assert OBJECTIVES[name].paper is not None and OBJECTIVES[name].paper.arxiv
+    for cls in OBJECTIVES.values():
+        assert cls.paper is not None and cls.paper.arxiv
     teacher = Teacher(toy.teacher())
     objs = [
         ConsistencyDistillation(teacher=teacher, generator=_affine_gen(), distance="l2"),
@@ -570,7 +567,7 @@ def test_configs_instantiate(toy):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    root = Path(__file__).resolve().parents[2] / "configs" / "objective"
+    root = Path(__file__).resolve().parents[2] / "diffdistill" / "configs" / "objective"
     teacher = Teacher(toy.teacher())
     for name, cls in (("cd", ConsistencyDistillation), ("ict", ICT), ("ect", ECT), ("lcm", LCM), ("scm", SCM)):
         cfg = OmegaConf.load(root / f"{name}.yaml")

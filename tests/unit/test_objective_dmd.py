@@ -1,4 +1,4 @@
-"""DMD invariants of losses.md §9.5 on the Gaussian toolkit (§9.1)."""
+"""DMD invariants on the Gaussian toy (docs/invariants.md §5, toy in §1)."""
 
 import math
 
@@ -46,7 +46,7 @@ def test_surrogate_gradient_is_g_over_numel():
 
 
 def test_unnormalised_gradient_equals_kl_gradient():
-    """E[(x0_fake - x0_real)/sigma^2 * dx/dtheta] = grad KL(q_sigma || p_sigma) (losses.md §9.5.3)."""
+    """E[(x0_fake - x0_real)/sigma^2 * dx/dtheta] = grad KL(q_sigma || p_sigma) (docs/invariants.md §5)."""
     a, b, sigma = 0.5, -0.2, 0.7
     teacher, gen, fake = setup(a, b)
     n = 400_000

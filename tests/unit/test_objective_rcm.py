@@ -1,4 +1,4 @@
-"""rCM (losses.md §4.2, §9.4): critic loss identity, alternating schedule, backward simulation, Gaussian toy."""
+"""rCM (docs/invariants.md §4): critic loss identity, alternating schedule, backward simulation, Gaussian toy."""
 
 import pytest
 import torch
@@ -30,7 +30,7 @@ def _rcm(toy, **kw):
 
 @pytest.mark.parametrize("sigma", [0.05, 0.7, 3.0, 40.0])
 def test_critic_loss_is_the_flow_space_mse(sigma):
-    """losses.md §9.4.6 (sigma_d = 1): ||x0 - x0_fake||^2 / sin^2 t = ||F_fake - (cos t x_t - x0) / sin t||^2."""
+    """docs/invariants.md §4 (sigma_d = 1): ||x0 - x0_fake||^2 / sin^2 t = ||F_fake - (cos t x_t - x0) / sin t||^2."""
     torch.manual_seed(0)
     fake = edm_mlp(dim=DIM, hidden=32, depth=2, sigma_data=1.0)
     x0, eps = torch.randn(8, DIM), torch.randn(8, DIM)

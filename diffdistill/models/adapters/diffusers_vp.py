@@ -1,6 +1,7 @@
 """A diffusers DDPM-family ``UNet2DModel`` (VP, eps / v / sample prediction) as an EDM denoiser.
 
-EDM view of VP (design §1): ``x_vp = alpha x0 + s eps`` is ``x = x_vp / alpha`` with ``sigma = s / alpha``.
+EDM view of VP (docs/architecture.md §1): ``x_vp = alpha x0 + s eps`` is ``x = x_vp / alpha``,
+``sigma = s / alpha``.
 The adapter maps ``sigma`` to the (fractional or quantised) DDPM timestep, feeds ``alpha x`` to the UNet and
 turns its output into ``x0_hat`` with the conversions of :mod:`diffdistill.conventions`.
 """
@@ -80,7 +81,7 @@ class DiffusersVPDenoiser(Denoiser):
 
     def denoise(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         alpha, s = self.schedule.alpha_sigma(sigma)
-        x_vp = x * append_dims(alpha, x.ndim)  # (design §1) x_vp = alpha x
+        x_vp = x * append_dims(alpha, x.ndim)  # EDM -> VP: x_vp = alpha x
         t = self.schedule.sigma_to_t(sigma)
         labels = cond.class_labels
         if self.num_classes is not None and labels is None:
