@@ -34,6 +34,7 @@ from _common import RESULTS, finish_info, machine_info, write_result
 from omegaconf import OmegaConf, open_dict
 
 import diffdistill.objectives  # noqa: F401  (registers every objective)
+from diffdistill.evaluation.toy import sliced_w2
 from diffdistill.models.conditioning import Conditioning
 from diffdistill.objectives.base import OBJECTIVES
 
@@ -164,12 +165,6 @@ def build(cfg, run_dir: str, init=None):
     return trainer, dataset, teacher
 
 
-def sliced_w2(a: torch.Tensor, b: torch.Tensor, dirs: torch.Tensor) -> float:
-    """Sliced Wasserstein-2 between equal-size point sets along fixed unit directions ``dirs [P, d]``."""
-    pa, pb = (a @ dirs.T).sort(0).values, (b @ dirs.T).sort(0).values
-    return float(((pa - pb) ** 2).mean().sqrt())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=1500)
@@ -215,16 +210,16 @@ def main() -> None:
     sig = karras_sigmas(18, teacher_den.sigma_min, teacher_den.sigma_max, append_zero=True)
     teacher_x = heun_sample(teacher_den, z * sig[0], sig, Conditioning())
     refs = {
-        "true_vs_true_floor": sliced_w2(true_a, true_b, dirs),
-        "teacher_heun18": sliced_w2(teacher_x, true_a, dirs),
-        "noise_prior_at_sigma_data": sliced_w2(z * teacher_den.sigma_data, true_a, dirs),
+        "true_vs_true_floor": sliced_w2(true_a, true_b, directions=dirs),
+        "teacher_heun18": sliced_w2(teacher_x, true_a, directions=dirs),
+        "noise_prior_at_sigma_data": sliced_w2(z * teacher_den.sigma_data, true_a, directions=dirs),
     }
     init = None
     if args.init == "pretrained":
         t0 = time.perf_counter()
         init = pretrain_mlp(dataset, float(teacher_den.sigma_data), args.pretrain_iters, args.seed)
-        refs["init_mlp_heun18"] = sliced_w2(heun_sample(init, z * sig[0], sig, Conditioning()), true_a, dirs)
-        refs["init_mlp_one_step"] = sliced_w2(init(z * sig[0], sig[0].float().expand(len(z))), true_a, dirs)
+        refs["init_mlp_heun18"] = sliced_w2(heun_sample(init, z * sig[0], sig, Conditioning()), true_a, directions=dirs)
+        refs["init_mlp_one_step"] = sliced_w2(init(z * sig[0], sig[0].float().expand(len(z))), true_a, directions=dirs)
         pretrain_s = time.perf_counter() - t0
     print(refs, flush=True)
     rows: list[dict[str, Any]] = []
@@ -247,7 +242,7 @@ def main() -> None:
                         gen = trainer.accelerator.unwrap_model(trainer.roles["generator"])
                         ema = trainer.ema_generator()
                         x_on, x_ema = gen(z), ema(z)
-                    d_on, d_ema = sliced_w2(x_on, true_a, dirs), sliced_w2(x_ema, true_a, dirs)
+                    d_on, d_ema = sliced_w2(x_on, true_a, directions=dirs), sliced_w2(x_ema, true_a, directions=dirs)
                     curve.append(
                         {
                             "iteration": it,

@@ -1,6 +1,9 @@
 """``diffdistill-eval``: score one checkpoint, a list, every checkpoint of a run folder, or a teacher (Hydra).
 
-Writes a results JSON recording the protocol (extractor, weights hash, number of images, seed range,
+Image runs are scored by the ``eval`` group (FID/KID...). Runs whose data has a known distribution (the toys,
+``data=toy_gaussian`` / ``data=toy_gmm``) are scored against the truth by :mod:`diffdistill.evaluation.toy`
+with the ``toy`` settings: moment errors, sliced W2 with its exact-vs-exact floor, mixture mode coverage.
+Writes a results JSON recording the protocol (extractor or projections, number of samples, seed range,
 checkpoint, EMA track, sampler steps) and a PNG of each metric against training step.
 """
 
@@ -16,6 +19,8 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffdistill.cli.common import CONFIG_DIR, friendly_errors
+
+TOY_OUT = "toy"  # results file stem of toy runs: <run_dir>/eval/toy.json
 
 
 @dataclass
@@ -87,7 +92,7 @@ def load_target(t: Target, cfg: DictConfig):
         from diffdistill.models import Teacher
 
         return Teacher.from_pretrained(cfg.teacher, guidance_scale=float(cfg.get("guidance_scale", 1.0)))
-    from diffdistill.training.trainer import load_generator
+    from diffdistill.training.builders import load_generator
 
     return load_generator(t.checkpoint, ema=t.ema)
 
@@ -100,18 +105,123 @@ def default_out(cfg: DictConfig, extractor_id: str) -> Path:
     return Path("eval_results") / f"{extractor_id}.json"
 
 
-def evaluate(cfg: DictConfig) -> Path:
-    """Run the evaluation ``cfg`` describes; returns the results JSON path."""
-    import torch
-    from hydra.utils import instantiate
+# ---------------------------------------------------------------------------------------------- what the run's data is
+def run_config(checkpoint: str | Path, from_run_folder: bool = True) -> dict[str, Any]:
+    """The resolved run config of a checkpoint: with ``from_run_folder`` the cheap ``<run>/config.yaml`` next to
+    ``<run>/checkpoints/`` when there is one, else the config stored in the checkpoint (what it is rebuilt from)."""
+    ckpt = Path(checkpoint)
+    cfg_file = ckpt.parent.parent / "config.yaml"
+    if from_run_folder and ckpt.parent.name == "checkpoints" and cfg_file.is_file():
+        return OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True)
+    from diffdistill.training.checkpoint import load_checkpoint
 
-    from diffdistill.evaluation import Evaluator, plot_results, write_results
+    return load_checkpoint(ckpt).get("config") or {}
+
+
+def is_image_shape(shape: Any) -> bool:
+    """``(C, H, W)`` with ``C`` in (1, 3): what the image metrics score."""
+    return shape is not None and len(tuple(shape)) == 3 and int(tuple(shape)[0]) in (1, 3)
+
+
+def data_kind(data_cfg: Any) -> str:
+    """``known`` (a distribution with exact samples), ``images``, or ``other`` for a run's ``data`` config.
+
+    Decided from the class (or factory return type) of ``_target_`` where possible; otherwise the dataset is built
+    and its ``sample_shape`` inspected. A config without ``_target_`` counts as images (scored as before).
+    """
+    import typing
+
+    from hydra.utils import get_object, instantiate
+
+    from diffdistill.data.images import ImageTensorDataset
+    from diffdistill.evaluation.toy import has_known_distribution
+
+    target = (data_cfg or {}).get("_target_") if isinstance(data_cfg, (dict, DictConfig)) else None
+    if target is None:
+        return "images"
+    try:
+        obj = get_object(str(target))
+    except Exception:  # noqa: BLE001 - not importable here: the image path reports it when rebuilding the model
+        return "images"
+    if has_known_distribution(obj):
+        return "known"
+    if isinstance(obj, type) and issubclass(obj, ImageTensorDataset):
+        return "images"
+    try:
+        ret = typing.get_type_hints(obj).get("return") if callable(obj) and not isinstance(obj, type) else None
+    except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to building the dataset
+        ret = None
+    if isinstance(ret, type) and issubclass(ret, ImageTensorDataset):
+        return "images"
+    ds = instantiate(data_cfg)
+    if has_known_distribution(ds):
+        return "known"
+    return "images" if is_image_shape(getattr(ds, "sample_shape", None)) else "other"
+
+
+def _no_metric_error(where: str, data_cfg: Any, shape: Any = None) -> ValueError:
+    target = (data_cfg or {}).get("_target_", "?") if isinstance(data_cfg, (dict, DictConfig)) else "?"
+    got = f"sample shape {tuple(shape)}" if shape is not None else "its samples are not [1|3, H, W] images"
+    return ValueError(
+        f"cannot evaluate {where}: its data ({target}) has no known distribution and {got}; diffdistill-eval scores "
+        "images (FID/KID) or data with a known distribution (exact_samples, true_mean, true_covariance)"
+    )
+
+
+def split_targets(todo: list[Target]) -> tuple[list[Target], list[tuple[Target, Any]]]:
+    """Image targets (teachers included) and toy targets with their run's ``data`` config; raises (one line) for
+    a checkpoint whose data has no known distribution and no images."""
+    images: list[Target] = []
+    toy: list[tuple[Target, Any]] = []
+    kinds: dict[str, tuple[str, Any]] = {}
+    truth: dict[str, Any] = {}
+    for t in todo:
+        if t.kind != "checkpoint":
+            images.append(t)
+            continue
+        if t.checkpoint not in kinds:
+            try:
+                data_cfg = run_config(t.checkpoint).get("data")
+            except (ValueError, FileNotFoundError):  # unreadable here: the image path reports it as before
+                data_cfg = None
+            kinds[t.checkpoint] = (data_kind(data_cfg), data_cfg)
+        kind, data_cfg = kinds[t.checkpoint]
+        if kind == "other":
+            from hydra.utils import instantiate
+
+            shape = getattr(instantiate(data_cfg), "sample_shape", None)
+            raise _no_metric_error(f"checkpoint '{t.checkpoint}'", data_cfg, shape)
+        if kind == "known":
+            if t.checkpoint not in truth:  # the checkpoint's own config: the data its generator was trained on
+                truth[t.checkpoint] = run_config(t.checkpoint, from_run_folder=False).get("data") or data_cfg
+            toy.append((t, truth[t.checkpoint]))
+        else:
+            images.append(t)
+    return images, toy
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate(cfg: DictConfig) -> Path:
+    """Run the evaluation ``cfg`` describes; returns the results JSON path (the toy one when a call mixes image
+    and toy checkpoints)."""
+    import torch
 
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     todo = list(targets(cfg))
     if not todo:
         raise ValueError("nothing to evaluate: give checkpoint=<file>, run_dir=<run folder> or teacher=<name>")
+    images, toy = split_targets(todo)
+    out = evaluate_images(cfg, images) if images else None
+    return evaluate_toy_targets(cfg, toy) if toy else out
+
+
+def evaluate_images(cfg: DictConfig, todo: list[Target]) -> Path:
+    """Score image targets with the ``eval`` group's :class:`~diffdistill.evaluation.Evaluator`."""
+    from hydra.utils import instantiate
+
+    from diffdistill.evaluation import Evaluator, plot_results, write_results
+
     evaluator = instantiate(cfg.eval, device=cfg.get("device") or "cpu")
     if not isinstance(evaluator, Evaluator):
         raise ValueError("the eval group builds no Evaluator (eval=none?); choose e.g. eval=effnet_fid")
@@ -128,6 +238,9 @@ def evaluate(cfg: DictConfig) -> Path:
             print(f"skip {t.label} (already in {out})")
             continue
         model = load_target(t, cfg).to(evaluator.device)
+        shape = getattr(model, "sample_shape", None)
+        if shape is not None and not is_image_shape(shape):
+            raise _no_metric_error(t.label, None, shape)
         scores = evaluator(model, t.step)
         row = evaluator.record(
             scores, step=t.step, checkpoint=t.checkpoint or cfg.get("teacher"), ema=t.ema, kind=t.kind
@@ -139,6 +252,138 @@ def evaluate(cfg: DictConfig) -> Path:
             png = plot_results(out)
             print(f"plot: {png}")
         except ValueError:  # no row with a training step (e.g. a teacher only)
+            pass
+    print(f"results: {out}")
+    return out
+
+
+def _toy_comparable(p: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a toy protocol two results must share to live in one file."""
+    modes = p.get("modes") or {}
+    return {
+        "num_samples": p.get("num_samples"),
+        "seed_range": p.get("seed_range"),
+        "distribution": p.get("distribution"),
+        "exact_seeds": (p.get("exact_samples") or {}).get("seeds"),
+        "sliced_w2": {k: (p.get("sliced_w2") or {}).get(k) for k in ("num_projections", "projection_seed")},
+        "modes": {k: modes.get(k) for k in ("assignment", "coverage_fraction", "quality_std")},
+    }
+
+
+TOY_COLUMNS = (
+    ("step", "step"),
+    ("ema", "ema"),
+    ("sampler_steps", "steps"),
+    ("mean_error", "mean_err"),
+    ("cov_error_rel", "cov_rel"),
+    ("sw2", "sw2"),
+    ("mass_error_max", "mass_err"),
+    ("modes_covered", "modes"),
+)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _table_line(label: str, row: dict[str, Any], columns: list[tuple[str, str]], width: int) -> str:
+    return label.ljust(width) + "".join(f"  {_cell(row.get(k)):>{max(len(h), 9)}}" for k, h in columns)
+
+
+def evaluate_toy_targets(cfg: DictConfig, todo: list[tuple[Target, Any]]) -> Path:
+    """Score checkpoints of runs whose data has a known distribution against the truth (``toy`` settings)."""
+    import json
+
+    from hydra.utils import instantiate
+
+    from diffdistill.evaluation import plot_results, read_results, write_results
+    from diffdistill.evaluation.generation import sampler_spec
+    from diffdistill.evaluation.toy import evaluate_toy, is_mixture, toy_protocol, toy_reference
+
+    tc = cfg.get("toy") or {}
+    opts = {
+        "num_samples": int(tc.get("num_samples", 16384)),
+        "seed": int(tc.get("seed", 0)),
+        "num_projections": int(tc.get("num_projections", 128)),
+        "projection_seed": int(tc.get("projection_seed", 0)),
+        "reference_seed": int(tc.get("reference_seed", 1_000_000)),
+        "assignment": str(tc.get("assignment", "nearest")),
+        "coverage_fraction": float(tc.get("coverage_fraction", 0.1)),
+        "quality_std": None if tc.get("quality_std") is None else float(tc.get("quality_std")),
+    }
+    ref_keys = ("num_samples", "num_projections", "projection_seed", "reference_seed", "assignment")
+    ref_keys += ("coverage_fraction", "quality_std")
+    steps, sigmas = tc.get("sampler_steps"), None if tc.get("sigmas") is None else [float(s) for s in tc.sigmas]
+    device = cfg.get("device") or "cpu"
+    out = default_out(cfg, TOY_OUT)
+    old = read_results(out) if out.is_file() else None
+    done: set[tuple] = set()
+    if old is not None and cfg.get("skip_existing", True):
+        done = {(r.get("checkpoint"), r.get("ema"), r.get("step"), r.get("sampler_steps")) for r in old["results"]}
+    cache: dict[str, tuple[Any, Any]] = {}  # data config -> (dataset, exact reference)
+    width = max(len("exact-vs-exact floor"), *(len(t.label) for t, _ in todo))
+    columns: list[tuple[str, str]] | None = None
+    for t, data_cfg in todo:
+        key = json.dumps(data_cfg, sort_keys=True, default=str)
+        if key not in cache:
+            dataset = instantiate(data_cfg)
+            ref = toy_reference(dataset, **{k: opts[k] for k in ref_keys})
+            proto_args = [opts[k] for k in ("num_samples", "seed", "assignment", "coverage_fraction", "quality_std")]
+            proto = toy_protocol(dataset, ref, *proto_args)
+            if old is not None and _toy_comparable(old["protocol"]) != _toy_comparable(proto):
+                raise ValueError(f"'{out}' holds results of a different evaluation protocol; write to another file")
+            cache[key] = (dataset, ref)
+        dataset, ref = cache[key]
+        model = load_target(t, cfg).to(device)
+        if (t.checkpoint, t.ema, t.step, sampler_spec(model, steps, sigmas).steps) in done:
+            print(f"skip {t.label} (already in {out})")
+            continue
+        res = evaluate_toy(
+            model,
+            dataset,
+            **opts,
+            batch_size=int(tc.get("batch_size", 4096)),
+            sampler_steps=steps,
+            sigmas=sigmas,
+            device=device,
+            reference=ref,
+        )
+        row = {
+            "step": t.step,
+            "checkpoint": t.checkpoint,
+            "ema": t.ema,
+            "sampler_steps": res.sampler.get("sampler_steps"),
+            **res.scores,
+            **({"mode_masses": res.modes["masses"]} if res.modes else {}),
+            "seconds": res.seconds,
+            "kind": t.kind,
+        }
+        floor_row = {
+            "step": None,
+            "checkpoint": f"exact samples (seed {ref.seeds[1]})",
+            "ema": None,
+            "sampler_steps": None,
+            **ref.floor,
+            "kind": "exact-vs-exact floor",
+        }
+        write_results(out, res.protocol, [floor_row, row])
+        if columns is None:
+            columns = [(k, h) for k, h in TOY_COLUMNS if k in row or not k.startswith(("mass", "modes"))]
+            modes = f", modes by {opts['assignment']} assignment" if is_mixture(dataset) else ""
+            print(
+                f"toy evaluation of {res.protocol['distribution']['dataset']}: {opts['num_samples']} samples "
+                f"(seeds {opts['seed']}..), SW2 on {opts['num_projections']} projections (seed "
+                f"{opts['projection_seed']}), exact sets seeds {ref.seeds[0]}/{ref.seeds[1]}{modes}"
+            )
+            print(_table_line("target", {k: h for k, h in columns}, columns, width))
+            print(_table_line("exact-vs-exact floor", ref.floor, columns, width))
+        print(_table_line(t.label, row, columns, width))
+    if cfg.get("plot", True) and out.is_file():
+        try:
+            print(f"plot: {plot_results(out)}")
+        except ValueError:  # no row with a training step
             pass
     print(f"results: {out}")
     return out

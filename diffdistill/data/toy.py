@@ -29,7 +29,7 @@ class ToyDataset:
 
 
 class GaussianToy(ToyDataset):
-    """``N(mean, std^2)`` i.i.d. in each of ``dim`` dimensions (losses.md §9.1 uses ``d ~ 16``)."""
+    """``N(mean, std^2)`` i.i.d. in each of ``dim`` dimensions (the tests use ``d = 16``; docs/invariants.md §1)."""
 
     def __init__(self, dim: int = 16, mean: float = 0.3, std: float = 0.8, size: int = 1_000_000, seed: int = 0):
         super().__init__(size, seed)
@@ -46,6 +46,19 @@ class GaussianToy(ToyDataset):
     def get(self, idx: Tensor) -> Batch:
         x = self.mean + self.std * torch.randn(len(idx), self.dim, generator=self._gen(idx))
         return Batch(x, Conditioning())
+
+    # ------------------------------------------------------------------ the known distribution (evaluation)
+    def true_mean(self) -> Tensor:
+        """The exact mean ``mu`` (``[dim]``)."""
+        return torch.full((self.dim,), float(self.mean))
+
+    def true_covariance(self) -> Tensor:
+        """The exact covariance ``s^2 I`` (``[dim, dim]``)."""
+        return torch.eye(self.dim) * float(self.std) ** 2
+
+    def exact_samples(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` independent exact samples ``[n, dim]`` (not the training stream of :meth:`get`)."""
+        return self.mean + self.std * torch.randn(n, self.dim, generator=generator)
 
 
 class GaussianMixtureToy(ToyDataset):
@@ -83,3 +96,39 @@ class GaussianMixtureToy(ToyDataset):
         labels = torch.randint(0, len(self.means), (len(idx),), generator=g)
         x = self.means[labels] + self.std * torch.randn(len(idx), self.dim, generator=g)
         return Batch(x, Conditioning(class_labels=labels if self.conditional else None))
+
+    # ------------------------------------------------------------------ the known distribution (evaluation)
+    @property
+    def component_means(self) -> Tensor:
+        """Component means ``mu_k`` (``[K, dim]``)."""
+        return self.means
+
+    @property
+    def component_stds(self) -> Tensor:
+        """Per-dimension standard deviation ``s_k`` of each isotropic component (``[K]``)."""
+        return torch.full((len(self.means),), float(self.std))
+
+    @property
+    def component_weights(self) -> Tensor:
+        """Mixture weights ``pi_k`` (``[K]``; uniform, as :meth:`get` draws components)."""
+        return torch.full((len(self.means),), 1.0 / len(self.means))
+
+    def true_mean(self) -> Tensor:
+        """The exact mean ``sum_k pi_k mu_k`` (``[dim]``)."""
+        return self.component_weights @ self.means
+
+    def true_covariance(self) -> Tensor:
+        """The exact covariance ``sum_k pi_k (s_k^2 I + mu_k mu_k^T) - mu mu^T`` (``[dim, dim]``)."""
+        w, mu = self.component_weights, self.true_mean()
+        second = torch.einsum("k,ki,kj->ij", w, self.means, self.means)
+        return second + (w * self.component_stds**2).sum() * torch.eye(self.dim) - torch.outer(mu, mu)
+
+    def exact_samples_and_labels(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``n`` independent exact samples ``[n, dim]`` and their components ``[n]``."""
+        labels = torch.multinomial(self.component_weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator)
+        return self.means[labels] + self.component_stds[labels, None] * z, labels
+
+    def exact_samples(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` independent exact samples ``[n, dim]`` (not the training stream of :meth:`get`)."""
+        return self.exact_samples_and_labels(n, generator)[0]
