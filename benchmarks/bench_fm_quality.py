@@ -149,7 +149,7 @@ def main() -> None:
             row, run_dir = train_one(name, args.budget_s, args.threads, runs)
             from diffdistill import load_generator
 
-            gen = load_generator(run_dir / "checkpoints" / "last.pt", ema="auto")
+            gen = load_generator(run_dir / "checkpoints" / "last", ema="auto")
             row["one_step"] = score(ev, gen, 1)
             if len(gen.sampling_sigmas) > 1:
                 row["two_step"] = score(ev, gen, 2)

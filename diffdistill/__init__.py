@@ -2,7 +2,7 @@
 
 The public API (resolved lazily, so ``import diffdistill`` stays cheap):
 
-* :func:`load_generator`: a trained student from a checkpoint;
+* :func:`load_generator`: a trained student from its model folder, a checkpoint or a run folder;
 * :class:`Teacher`: a frozen denoiser with classifier-free guidance (``Teacher.from_pretrained``);
 * :data:`OBJECTIVES`: the registry of distillation objectives, by name;
 * :func:`compose_config`: the CLI's Hydra config, composed from Python with the same overrides.
@@ -15,7 +15,7 @@ import importlib
 __version__ = "0.2.0.dev0"
 
 _EXPORTS = {
-    "load_generator": "diffdistill.training.builders",
+    "load_generator": "diffdistill.models.io",
     "Teacher": "diffdistill.models.teacher",
     "Generator": "diffdistill.models.generator",
     "Conditioning": "diffdistill.models.conditioning",

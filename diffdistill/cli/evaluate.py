@@ -43,19 +43,21 @@ def _as_list(v: Any) -> list[Any]:
 
 
 def checkpoint_step(path: str | Path) -> int | None:
-    """The training step in a ``step<N>.pt`` file name (``None`` if the name holds none)."""
-    m = re.search(r"step[_-]?(\d+)", Path(path).stem)
+    """The training step in a ``step<N>`` checkpoint name (``None`` if the name holds none)."""
+    m = re.search(r"step[_-]?(\d+)", Path(path).name)
     return int(m.group(1)) if m else None
 
 
 def run_checkpoints(run_dir: str | Path) -> list[Path]:
-    """``<run_dir>/checkpoints/step*.pt`` sorted by step."""
+    """``<run_dir>/checkpoints/step*/`` sorted by step."""
+    from diffdistill.models.io import is_checkpoint
+
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         raise FileNotFoundError(f"'{run_dir}' is not a training run folder (no checkpoints/ inside)")
-    files = [p for p in folder.glob("step*.pt") if checkpoint_step(p) is not None]
+    files = [p for p in folder.glob("step*") if is_checkpoint(p) and checkpoint_step(p) is not None]
     if not files:
-        raise FileNotFoundError(f"no checkpoints/step*.pt in '{run_dir}'")
+        raise FileNotFoundError(f"no checkpoints/step*/ in '{run_dir}'")
     return sorted(files, key=lambda p: checkpoint_step(p))
 
 
@@ -65,10 +67,10 @@ def resolve_ema(checkpoint: str | Path, ema: Any) -> str | None:
         return None
     if str(ema) != "auto":
         return str(float(ema))
-    from diffdistill.training.checkpoint import load_checkpoint
+    from diffdistill.models.io import ema_folders, resolve_checkpoint
 
-    tracks = load_checkpoint(checkpoint).get("ema") or {}
-    return str(max(tracks, key=float)) if tracks else None
+    tracks = ema_folders(resolve_checkpoint(checkpoint))
+    return str(max(tracks)) if tracks else None
 
 
 def targets(cfg: DictConfig) -> Iterator[Target]:
@@ -78,9 +80,12 @@ def targets(cfg: DictConfig) -> Iterator[Target]:
     ckpts = [Path(p) for p in _as_list(cfg.get("checkpoint"))]
     if cfg.get("run_dir"):
         ckpts += run_checkpoints(cfg.run_dir)
+    from diffdistill.models.io import resolve_checkpoint
+
     for c in ckpts:
-        if not c.is_file():
+        if not c.exists():
             raise FileNotFoundError(f"checkpoint '{c}' does not exist")
+        c = resolve_checkpoint(c)
         for ema in _as_list(cfg.get("ema")) or [None]:
             track = resolve_ema(c, ema)
             yield Target(f"{c.name}[ema={track}]", str(c), track, checkpoint_step(c), "checkpoint")
@@ -92,9 +97,9 @@ def load_target(t: Target, cfg: DictConfig):
         from diffdistill.models import Teacher
 
         return Teacher.from_pretrained(cfg.teacher, guidance_scale=float(cfg.get("guidance_scale", 1.0)))
-    from diffdistill.training.builders import load_generator
+    from diffdistill.models.io import load_generator
 
-    return load_generator(t.checkpoint, ema=t.ema)
+    return load_generator(t.checkpoint, ema=None if t.ema is None else float(t.ema))
 
 
 def default_out(cfg: DictConfig, extractor_id: str) -> Path:
@@ -113,9 +118,12 @@ def run_config(checkpoint: str | Path, from_run_folder: bool = True) -> dict[str
     cfg_file = ckpt.parent.parent / "config.yaml"
     if from_run_folder and ckpt.parent.name == "checkpoints" and cfg_file.is_file():
         return OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True)
-    from diffdistill.training.checkpoint import load_checkpoint
+    import json
 
-    return load_checkpoint(ckpt).get("config") or {}
+    from diffdistill.models.io import RUN_CONFIG, resolve_checkpoint
+
+    path = resolve_checkpoint(ckpt) / RUN_CONFIG
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def is_image_shape(shape: Any) -> bool:

@@ -47,6 +47,18 @@ class GaussianDenoiser(Denoiser):
             self.register_buffer("log_std", std.log())
         self.sigma_data = float(sigma_data if sigma_data is not None else (std**2 + mean**2).mean().sqrt())
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.trainable = bool(trainable)
+
+    def to_config(self) -> dict:
+        return {
+            "_target_": "diffdistill.models.analytic.GaussianDenoiser",
+            "mean": self.mean.detach().cpu().tolist(),
+            "std": self.std.detach().cpu().tolist(),
+            "sigma_data": self.sigma_data,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+            "trainable": self.trainable,
+        }
 
     @property
     def std(self) -> Tensor:
@@ -105,6 +117,17 @@ class GaussianMixtureDenoiser(Denoiser):
         self.sigma_data = float(sigma_data if sigma_data is not None else second.sqrt())
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
+    def to_config(self) -> dict:
+        return {
+            "_target_": "diffdistill.models.analytic.GaussianMixtureDenoiser",
+            "means": self.means.cpu().tolist(),
+            "stds": self.stds.cpu().tolist(),
+            "weights": self.weights.cpu().tolist(),
+            "sigma_data": self.sigma_data,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+        }
+
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return (self.means.shape[1],)
@@ -158,6 +181,15 @@ class AffineDenoiser(Denoiser):
         self.a = nn.Parameter(torch.full((dim,), float(a_init)))
         self.b = nn.Parameter(torch.full((dim,), float(b_init)))
         self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+
+    def to_config(self) -> dict:  # the weights (a, b) come from model.safetensors
+        return {
+            "_target_": "diffdistill.models.analytic.AffineDenoiser",
+            "dim": self.a.shape[0],
+            "sigma_data": self.sigma_data,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+        }
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

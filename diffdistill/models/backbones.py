@@ -80,6 +80,17 @@ class UNetBackbone(nn.Module):
         if guidance_embedding:
             self.enable_guidance_embedding()
 
+    def to_config(self) -> dict[str, Any]:
+        """Rebuilds this network (random weights) from plain config: see ``diffdistill.models.io.model_config``."""
+        return {
+            "_target_": "diffdistill.models.backbones.UNetBackbone",
+            "unet_config": {k: v for k, v in self.unet_config.items() if not k.startswith("_")},
+            "num_classes": self.num_classes,
+            "c_noise_scale": self.c_noise_scale,
+            "guidance_embedding": self.guidance_emb is not None,
+            "null_class": self.null_class,
+        }
+
     def enable_guidance_embedding(self) -> None:
         """Add the (zero-initialised) guidance embedding in place; a no-op if present."""
         if self.guidance_emb is not None:
@@ -205,10 +216,21 @@ class MLPBackbone(nn.Module):
             for _ in range(depth)
         )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
-        self.hidden = hidden
+        self.hidden, self.depth, self.fourier_scale = hidden, depth, float(fourier_scale)
         self.guidance_emb: GuidanceEmbedding | None = None
         if guidance_embedding:
             self.enable_guidance_embedding()
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "_target_": "diffdistill.models.backbones.MLPBackbone",
+            "dim": self.dim,
+            "hidden": self.hidden,
+            "depth": self.depth,
+            "num_classes": self.num_classes,
+            "guidance_embedding": self.guidance_emb is not None,
+            "fourier_scale": self.fourier_scale,
+        }
 
     def enable_guidance_embedding(self) -> None:
         """Add the (zero-initialised) guidance embedding in place; a no-op if present."""

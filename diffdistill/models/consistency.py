@@ -51,6 +51,15 @@ class ConsistencyDenoiser(Denoiser):
     def boundary_sigma(self) -> float:
         return self.sigma_min
 
+    def to_config(self) -> dict:
+        from diffdistill.models.io import model_config
+
+        return {
+            "_target_": "diffdistill.models.consistency.ConsistencyDenoiser",
+            "inner": model_config(self.inner),
+            "sigma_min": self.sigma_min,
+        }
+
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.inner.sample_shape)
@@ -127,7 +136,15 @@ class AdaptiveWeight(nn.Module):
         self.linear = nn.Linear(channels, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
-        self.sigma_data = float(sigma_data)
+        self.sigma_data, self.channels, self.scale = float(sigma_data), int(channels), float(scale)
+
+    def to_config(self) -> dict:
+        return {
+            "_target_": "diffdistill.models.consistency.AdaptiveWeight",
+            "channels": self.channels,
+            "scale": self.scale,
+            "sigma_data": self.sigma_data,
+        }
 
     def forward(self, t: Tensor) -> Tensor:
         """``logvar(t)``, shape ``[B]``."""
@@ -156,6 +173,13 @@ class AffineConsistencyDenoiser(AffineDenoiser):
     ):
         super().__init__(dim, a_init, b_init, float(sigma_data), float(sigma_min), float(sigma_max))
         self._boundary = float(boundary_sigma)
+
+    def to_config(self) -> dict:
+        return {
+            **super().to_config(),
+            "_target_": "diffdistill.models.consistency.AffineConsistencyDenoiser",
+            "boundary_sigma": self._boundary,
+        }
 
     @property
     def boundary_sigma(self) -> float:

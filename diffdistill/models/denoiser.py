@@ -68,6 +68,17 @@ class EDMDenoiser(Denoiser):
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.net.sample_shape)
 
+    def to_config(self) -> dict:
+        from diffdistill.models.io import model_config
+
+        return {
+            "_target_": "diffdistill.models.denoiser.EDMDenoiser",
+            "net": model_config(self.net),
+            "sigma_data": self.sigma_data,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+        }
+
     def denoise(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
         F = self.net(append_dims(c_in, x.ndim) * x, c_noise, cond)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import warnings
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -30,11 +32,65 @@ class Generator(WrapsDenoiser, nn.Module):
         sampling_sigmas: the default few-step sigma list (``[sigma_init]`` = one step).
     """
 
-    def __init__(self, denoiser: Denoiser, sigma_init: float = 80.0, sampling_sigmas: list[float] | None = None):
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        sigma_init: float = 80.0,
+        sampling_sigmas: list[float] | None = None,
+        guidance: dict[str, float] | None = None,
+        adaptive_weight: nn.Module | None = None,
+    ):
         super().__init__()
         self.denoiser = denoiser
         self.sigma_init = float(sigma_init)
         self.sampling_sigmas = [float(s) for s in (sampling_sigmas or [sigma_init])]
+        self.guidance = dict(guidance) if guidance else None
+        if adaptive_weight is not None:
+            self.adaptive_weight = adaptive_weight
+
+    def to_config(self) -> dict:
+        """Rebuilds this student alone (see ``diffdistill.models.io.model_config``)."""
+        from diffdistill.models.io import model_config
+
+        aw = getattr(self, "adaptive_weight", None)
+        return {
+            "_target_": "diffdistill.models.generator.Generator",
+            "denoiser": model_config(self.denoiser),
+            "sigma_init": self.sigma_init,
+            "sampling_sigmas": self.sampling_sigmas,
+            "guidance": self.guidance,
+            "adaptive_weight": model_config(aw) if aw is not None else None,
+        }
+
+    def set_guidance(self, w_min: float, w_max: float, w_default: float | None = None) -> None:
+        """Record the guidance range ``[w_min, w_max]`` a guidance-embedded student was trained on, and the scale
+        used when a call gives none (default: the middle of the range)."""
+        w_default = 0.5 * (w_min + w_max) if w_default is None else float(w_default)
+        if not w_min <= w_default <= w_max:
+            raise ValueError(f"default guidance {w_default} lies outside the training range [{w_min}, {w_max}]")
+        self.guidance = {"w_min": float(w_min), "w_max": float(w_max), "w_default": w_default}
+
+    def _guided(self, cond: Conditioning | None) -> Conditioning:
+        """Fill in the recorded default guidance scale; warn once when asked for a scale outside training."""
+        cond = as_conditioning(cond)
+        if self.guidance is None:
+            return cond
+        if cond.guidance_scale is None:
+            device = next(self.parameters()).device
+            w = torch.full((cond.batch_size or 1,), self.guidance["w_default"], device=device)
+            return replace(cond, guidance_scale=w)
+        w = cond.guidance_scale
+        lo, hi = self.guidance["w_min"], self.guidance["w_max"]
+        if not self._warned and (w.min() < lo - 1e-6 or w.max() > hi + 1e-6):
+            warnings.warn(
+                f"guidance scale {float(w.min()):g}..{float(w.max()):g} outside the range [{lo:g}, {hi:g}] this "
+                "student was trained on",
+                stacklevel=3,
+            )
+            self._warned = True
+        return cond
+
+    _warned = False
 
     @classmethod
     def from_teacher(
@@ -44,7 +100,7 @@ class Generator(WrapsDenoiser, nn.Module):
         return cls(trainable_copy(teacher), sigma_init, sampling_sigmas)
 
     def denoise(self, x: Tensor, sigma: Tensor | float, cond: Conditioning | None = None) -> Tensor:
-        return self.denoiser(x, as_sigma(sigma, x.shape[0], x.device), cond)
+        return self.denoiser(x, as_sigma(sigma, x.shape[0], x.device), self._guided(cond))
 
     def forward(self, z: Tensor, cond: Conditioning | None = None, sigma: float | Tensor | None = None) -> Tensor:
         """One-step generation from unit noise ``z`` (optionally at another input sigma)."""
@@ -52,7 +108,7 @@ class Generator(WrapsDenoiser, nn.Module):
         sigma_t = as_sigma(s, z.shape[0], z.device)
         from diffdistill.conventions import append_dims
 
-        return self.denoiser(append_dims(sigma_t, z.ndim) * z, sigma_t, as_conditioning(cond))
+        return self.denoiser(append_dims(sigma_t, z.ndim) * z, sigma_t, self._guided(cond))
 
     def sample(
         self,
@@ -82,6 +138,11 @@ class FakeScore(WrapsDenoiser, nn.Module):
     @classmethod
     def from_teacher(cls, teacher: nn.Module) -> FakeScore:
         return cls(trainable_copy(teacher))
+
+    def to_config(self) -> dict:
+        from diffdistill.models.io import model_config
+
+        return {"_target_": "diffdistill.models.generator.FakeScore", "denoiser": model_config(self.denoiser)}
 
     def forward(self, x: Tensor, sigma: Tensor | float, cond: Conditioning | None = None) -> Tensor:
         return self.denoiser(x, as_sigma(sigma, x.shape[0], x.device), cond)

@@ -52,7 +52,27 @@ def add_lora(
     inject_adapter_in_model(cfg, module, adapter_name=adapter_name)
     for name, p in module.named_parameters():
         p.requires_grad_("lora_" in name)
+    # recorded so that a saved model rebuilds the same adapters (diffdistill.models.io.model_config)
+    module.lora_spec = {
+        "rank": int(rank),
+        "alpha": float(alpha or rank),
+        "target_modules": targets,
+        "dropout": float(dropout),
+        "adapter_name": adapter_name,
+    }
     return module
+
+
+def with_lora(
+    module: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    target_modules: list[str] | None = None,
+    dropout: float = 0.0,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> nn.Module:
+    """``module`` with LoRA adapters: what a saved LoRA student's ``config.json`` builds (weights load after)."""
+    return add_lora(module, rank, alpha, target_modules, dropout, adapter_name)
 
 
 def _tuner_layers(module: nn.Module) -> Iterator[nn.Module]:
@@ -95,6 +115,7 @@ def strip_lora(module: nn.Module) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             setattr(parent, child, m.get_base_layer())
+    module.__dict__.pop("lora_spec", None)
     return module
 
 

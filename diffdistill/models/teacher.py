@@ -62,10 +62,14 @@ class Teacher(WrapsDenoiser, nn.Module):
         return self.denoiser.features(x, sigma, cond)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, guidance_scale: float = 1.0) -> Teacher:
-        """Load a teacher from a diffdistill model folder (``config.json`` + ``model.safetensors``),
-        a diffdistill training checkpoint, or the name of a packaged teacher (``fashion_mnist``)."""
-        from diffdistill.models.io import load_model
+    def from_pretrained(
+        cls, path: str | Path, guidance_scale: float = 1.0, ema: str | float | None = "auto"
+    ) -> Teacher:
+        """Load a teacher from a model folder (``config.json`` + ``model.safetensors``), a checkpoint or run folder
+        of a (teacher-)training run (its EMA generator's denoiser), or the name of a packaged teacher
+        (``fashion_mnist``). Every case goes through ``diffdistill.models.io`` (no training code is imported)."""
+        from diffdistill.models.generator import Generator
+        from diffdistill.models.io import generator_folder, is_model_folder, load_model
         from diffdistill.utils.paths import ASSETS
 
         p = Path(path)
@@ -79,18 +83,10 @@ class Teacher(WrapsDenoiser, nn.Module):
                 else []
             )
             raise FileNotFoundError(
-                f"teacher '{path}' not found: give a model folder, a checkpoint file, or one of "
+                f"teacher '{path}' not found: give a model folder, a checkpoint or run folder, or one of "
                 f"the packaged teachers {avail}"
             )
-        if p.is_file():
-            from diffdistill.training.checkpoint import load_checkpoint
-
-            state = load_checkpoint(p)
-            if "model_config" not in state:
-                raise ValueError(f"checkpoint '{p}' holds no model config; export a model folder first")
-            from diffdistill.models.io import build_from_config
-
-            model = build_from_config(state["model_config"])
-            model.load_state_dict(state.get("ema", state["model"])["module"] if "ema" in state else state["model"])
-            return cls(model, guidance_scale)
-        return cls(load_model(p), guidance_scale)
+        model = load_model(p if is_model_folder(p) else generator_folder(p, ema))
+        if isinstance(model, Generator):  # a trained denoiser saved as a generator role
+            model = model.denoiser
+        return cls(model, guidance_scale)

@@ -8,6 +8,7 @@ gradient state, devices and precision.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -99,6 +100,30 @@ class Objective:
     generator_roles: ClassVar[tuple[str, ...]] = ("generator",)
     requires_real_data: ClassVar[bool] = False
     update_schedule: UpdateSchedule = UpdateSchedule()
+
+    @classmethod
+    def prepare_student(cls, generator: nn.Module, **hparams: Any) -> None:
+        """Change the student the way this method's parametrisation needs (a boundary condition, a guidance
+        embedding, an extra trained head), in place, before any other role is copied from it or any optimiser
+        sees it. It receives the objective's hyperparameters that its signature names (the builder passes them
+        from the config). The change is recorded by the student's own config
+        (``diffdistill.models.io.model_config``), so a saved student loads without the objective. Default: none.
+        """
+
+    @classmethod
+    def student_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """The subset of ``hparams`` that :meth:`prepare_student` takes."""
+        params = inspect.signature(cls.prepare_student).parameters
+        return {k: v for k, v in hparams.items() if k in params and k != "generator"}
+
+    @classmethod
+    def create(cls, **kwargs: Any) -> Objective:
+        """Prepare the student (and a given target copy of it), then construct: what the builder does, for code
+        that builds objectives by hand."""
+        for role in ("generator", "target_generator"):
+            if kwargs.get(role) is not None:
+                cls.prepare_student(kwargs[role], **cls.student_hparams(kwargs))
+        return cls(**kwargs)
 
     @classmethod
     def build_role(cls, name: str, teacher: nn.Module, roles: dict[str, nn.Module]) -> nn.Module:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
-from diffdistill.models.consistency import wrap_boundary_condition
+from diffdistill.models.consistency import has_boundary_condition, wrap_boundary_condition
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
 from diffdistill.objectives.common import add_noise, per_sample_mean, pseudo_huber
 from diffdistill.schedules.karras import karras_sigmas
@@ -159,6 +159,17 @@ def _device(batch: Batch, module: nn.Module) -> torch.device:
 # ---------------------------------------------------------------------------------------------
 
 
+def require_boundary_condition(objective: Objective, *students: nn.Module) -> None:
+    """Fail clearly when a student was not given the boundary condition by ``prepare_student``."""
+    for student in students:
+        if not has_boundary_condition(getattr(student, "denoiser", student)):
+            name = type(objective).__name__
+            raise ValueError(
+                f"{name} needs a student with the boundary condition f(x, sigma_min) = x: build the objective with "
+                f"{name}.create(...) (or call {name}.prepare_student(generator) first), as the trainer's builder does"
+            )
+
+
 @register_objective
 class ConsistencyDistillation(Objective):
     """Consistency distillation with a Heun teacher step and an EMA target (Song et al. 2023, Alg. 2).
@@ -217,14 +228,18 @@ class ConsistencyDistillation(Objective):
         self.distance, self.huber_c, self.weighting = distance, huber_c, weighting
         self.guidance_scale = guidance_scale
         self.lpips = build_lpips(lpips_net, lpips_weights) if distance == "lpips" else None
-        if boundary_condition:
-            wrap_boundary_condition(generator, self.sigma_min)
         if target_generator is None:
             target_generator = copy.deepcopy(generator)
-        elif boundary_condition:
-            wrap_boundary_condition(target_generator, self.sigma_min)
+        if boundary_condition:
+            require_boundary_condition(self, generator, target_generator)
         self.target_generator = target_generator
         self.sigmas = karras_sigmas(self.num_scales, self.sigma_min, self.sigma_max, self.rho)  # descending
+
+    @classmethod
+    def prepare_student(cls, generator: nn.Module, sigma_min: float = 0.002, boundary_condition: bool = True) -> None:
+        """The boundary-condition parametrisation ``f(x, sigma_min) = x`` (Song et al. 2023, Eq. 5 / App. C)."""
+        if boundary_condition:
+            wrap_boundary_condition(generator, float(sigma_min))
 
     # ------------------------------------------------------------------------------------------
     def sample_pair(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:

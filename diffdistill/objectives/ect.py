@@ -25,7 +25,7 @@ from diffdistill.models.conditioning import Batch
 from diffdistill.models.consistency import wrap_boundary_condition
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
 from diffdistill.objectives.common import pseudo_huber
-from diffdistill.objectives.consistency import RNGState, default_huber_c
+from diffdistill.objectives.consistency import RNGState, default_huber_c, require_boundary_condition
 from diffdistill.schedules.karras import karras_sigmas
 
 # ---------------------------------------------------------------------------------------------
@@ -113,8 +113,14 @@ class ICT(Objective):
         self.s0, self.s1, self.total_steps = int(s0), int(s1), int(total_steps)
         self.P_mean, self.P_std, self.huber_c = float(P_mean), float(P_std), huber_c
         if boundary_condition:
-            wrap_boundary_condition(generator, self.sigma_min)
+            require_boundary_condition(self, generator)
         self._grid: tuple[int, Tensor, Tensor] | None = None
+
+    @classmethod
+    def prepare_student(cls, generator: nn.Module, sigma_min: float = 0.002, boundary_condition: bool = True) -> None:
+        """The boundary condition at ``sigma_min`` (Song & Dhariwal 2023, as in Song et al. 2023, Eq. 5)."""
+        if boundary_condition:
+            wrap_boundary_condition(generator, float(sigma_min))
 
     def grid(self, step: int) -> tuple[Tensor, Tensor]:
         """The ascending grid of ``N(step)`` points and its pair probabilities (cached per ``N``)."""

@@ -16,6 +16,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from diffdistill.models.consistency import wrap_boundary_condition
 from diffdistill.objectives.base import Paper, PassCount, register_objective
 from diffdistill.objectives.consistency import ConsistencyDistillation, euler_step, heun_step
 from diffdistill.schedules.karras import karras_sigmas
@@ -30,6 +31,19 @@ def enable_guidance_embedding(module: nn.Module) -> bool:
             m.enable_guidance_embedding()
             found = True
     return found
+
+
+def has_guidance_embedding(module: nn.Module) -> bool:
+    return any(getattr(m, "guidance_emb", None) is not None for m in module.modules())
+
+
+def lcm_grid(schedule, num_scales: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+    """The ascending training grid: a DDPM schedule's ``T`` sigmas, a schedule's ``num_scales`` sigmas, or Karras."""
+    if schedule is not None and hasattr(schedule, "alphas_cumprod"):
+        return schedule.sigmas.float()
+    if schedule is not None:
+        return schedule.sigmas(num_scales, ascending=True).float()
+    return karras_sigmas(num_scales, sigma_min, sigma_max, rho).flip(0)
 
 
 @register_objective
@@ -88,19 +102,11 @@ class LCM(ConsistencyDistillation):
             raise ValueError(f"unknown solver '{solver}' (use 'ddim' or 'heun')")
         if not w_min <= w_max:
             raise ValueError(f"need w_min <= w_max, got {w_min}, {w_max}")
-        if schedule is not None and hasattr(schedule, "alphas_cumprod"):
-            sigmas_asc = schedule.sigmas.float()
-        elif schedule is not None:
-            sigmas_asc = schedule.sigmas(num_scales, ascending=True).float()
-        else:
-            sigmas_asc = karras_sigmas(num_scales, sigma_min, sigma_max, rho).flip(0)
+        sigmas_asc = lcm_grid(schedule, num_scales, sigma_min, sigma_max, rho)
         if not 1 <= skipping_step < len(sigmas_asc):
             raise ValueError(f"skipping_step must lie in [1, {len(sigmas_asc) - 1}], got {skipping_step}")
-        self.embedded_guidance = False
-        if embed_guidance:
-            self.embedded_guidance = enable_guidance_embedding(generator)
-            if target_generator is not None:
-                enable_guidance_embedding(target_generator)
+        # the guidance embedding is switched on by prepare_student (recorded in the student's config)
+        self.embedded_guidance = bool(embed_guidance) and has_guidance_embedding(generator)
         boundary = float(sigmas_asc[0])
         super().__init__(
             teacher,
@@ -127,6 +133,32 @@ class LCM(ConsistencyDistillation):
         self.target_index = (self.start_index - self.skipping_step).clamp(min=0)
         self.w_min, self.w_max, self.solver = float(w_min), float(w_max), solver
         self._w: Tensor | None = None
+
+    @classmethod
+    def prepare_student(
+        cls,
+        generator: nn.Module,
+        teacher: nn.Module | None = None,
+        schedule=None,
+        num_scales: int = 1000,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        w_min: float = 3.0,
+        w_max: float = 15.0,
+        embed_guidance: bool = True,
+        boundary_condition: bool = True,
+    ) -> None:
+        """Switch on the student's guidance embedding (LCM §4.2; zero-initialised, so the output is unchanged) and
+        record its training range ``[w_min, w_max]``, then add the boundary condition at the smallest grid sigma.
+        An unconditional teacher has no guidance to distil, so its students get no embedding."""
+        if embed_guidance and getattr(teacher, "num_classes", 0) is None:
+            embed_guidance = False
+        if embed_guidance and enable_guidance_embedding(generator) and hasattr(generator, "set_guidance"):
+            generator.set_guidance(w_min, w_max)
+        if boundary_condition:
+            boundary = float(lcm_grid(schedule, num_scales, sigma_min, sigma_max, rho)[0])
+            wrap_boundary_condition(generator, boundary)
 
     def sample_pair(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """A skipping pair ``(sigma_{n+k}, sigma_n)`` of the grid (student at the larger sigma)."""

@@ -180,6 +180,17 @@ class SCM(Objective):
         self.tangent_warmup_steps, self.warmup_variant = int(tangent_warmup_steps), warmup_variant
         self.tangent_norm_c, self.tangent_norm = float(tangent_norm_c), tangent_norm
         self.adaptive_weighting = adaptive_weighting
+        if adaptive_weighting and getattr(generator, "adaptive_weight", None) is None:
+            raise ValueError(
+                "sCM's adaptive weighting needs the student's adaptive_weight head: build the objective with "
+                "SCM.create(...) (or call SCM.prepare_student(generator) first), as the trainer's builder does"
+            )
+
+    @classmethod
+    def prepare_student(
+        cls, generator: nn.Module, adaptive_weighting: bool = True, adaptive_weight_channels: int = 128
+    ) -> None:
+        """Give the student sCM's learned loss weight ``w_phi(t)`` (Lu & Song 2024, Eq. 9), trained with it."""
         if adaptive_weighting:
             attach_adaptive_weight(generator, adaptive_weight_channels)
 

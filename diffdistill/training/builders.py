@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -97,12 +96,19 @@ def _lora_student(teacher: Teacher, student: DictConfig, den: nn.Module | None) 
     return net.train()
 
 
-def build_roles(objective_cls: type[Objective], teacher: Teacher, student: DictConfig) -> dict[str, nn.Module]:
+def build_roles(
+    objective_cls: type[Objective],
+    teacher: Teacher,
+    student: DictConfig,
+    hparams: dict[str, Any] | None = None,
+    schedule=None,
+) -> dict[str, nn.Module]:
     """Build the trainable and frozen roles the objective declares (each initialised from the teacher).
 
     ``student.lora`` (``{rank, alpha, target_modules, dropout, share_base}``) makes the generator a LoRA student;
-    with ``share_base`` (default) it shares the teacher's weights. Other roles are built afterwards, so DMD's fake
-    score copies the *base* network and CD/LCM's target copies the adapted student.
+    with ``share_base`` (default) it shares the teacher's weights. Then the objective prepares the student
+    (:meth:`Objective.prepare_student`, given the objective's hyperparameters ``hparams``). Other roles are built
+    afterwards, so DMD's fake score copies the *base* network and CD/LCM's target copies the prepared student.
     """
     roles: dict[str, nn.Module] = {}
     den = _instantiate(student.denoiser, "student denoiser") if student.get("denoiser") else None
@@ -113,6 +119,8 @@ def build_roles(objective_cls: type[Objective], teacher: Teacher, student: DictC
         roles["generator"] = Generator(den, student.sigma_init, sampling)
     else:
         roles["generator"] = Generator.from_teacher(teacher, student.sigma_init, sampling)
+    context = {"teacher": teacher, **({"schedule": schedule} if schedule is not None else {}), **(hparams or {})}
+    objective_cls.prepare_student(roles["generator"], **objective_cls.student_hparams(context))
     for r in (*objective_cls.roles, *objective_cls.frozen_roles):
         if r in roles:
             continue
@@ -155,8 +163,10 @@ def build_experiment(cfg: DictConfig, with_objective: bool = True) -> Experiment
     objective_cls = objective_class(cfg.objective)
     if objective_cls.name not in OBJECTIVES:
         raise ValueError(f"objective {objective_cls.__name__} is not registered")
-    roles = build_roles(objective_cls, teacher, cfg.student)
     schedule = _instantiate(cfg.schedule, "schedule") if cfg.get("schedule") else None
+    hparams = OmegaConf.to_container(cfg.objective, resolve=True)
+    hparams = {k: v for k, v in hparams.items() if k[0] != "_" and not isinstance(v, dict)}
+    roles = build_roles(objective_cls, teacher, cfg.student, hparams, schedule)
     obj = make_objective(cfg.objective, objective_cls, teacher, roles, schedule) if with_objective else None
     return Experiment(teacher, roles, dataset, obj, objective_cls)
 
@@ -198,28 +208,3 @@ def build_evaluator(cfg: DictConfig):
         exp_data = _instantiate(cfg.data, "dataset (data group)")
         ev = ev(reference=exp_data)
     return ev if callable(ev) and not isinstance(ev, dict) else None
-
-
-def load_generator(checkpoint_path: str | Path, ema: str | float | None = "auto") -> nn.Module:
-    """Rebuild the generator of a training checkpoint (from the run config it holds) with its weights.
-
-    Args:
-        checkpoint_path: a ``step*.pt`` / ``last.pt`` file written by :class:`DistillTrainer`.
-        ema: ``"auto"`` (the highest-decay EMA track), a decay value, or ``None`` (online weights).
-    """
-    from diffdistill.training.checkpoint import load_checkpoint
-
-    state = load_checkpoint(checkpoint_path)
-    if not state.get("config"):
-        raise ValueError(f"checkpoint '{checkpoint_path}' holds no run config; it cannot be rebuilt")
-    # the objective is built too: some wrap the generator (e.g. the CD boundary condition) at construction
-    exp = build_experiment(OmegaConf.create(state["config"]), with_objective=True)
-    gen = exp.roles["generator"]
-    if ema is None or not state["ema"]:
-        gen.load_state_dict(state["roles"]["generator"])
-    else:
-        key = max(state["ema"], key=float) if ema == "auto" else str(float(ema))
-        if key not in state["ema"]:
-            raise ValueError(f"checkpoint has EMA tracks {list(state['ema'])}, not {ema}")
-        gen.load_state_dict(state["ema"][key]["module"])
-    return gen.eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from diffdistill.models.conditioning import Conditioning
 from diffdistill.objectives.base import Objective
 from diffdistill.sampling import heun_sample
 from diffdistill.schedules.karras import karras_sigmas
-from diffdistill.training.checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from diffdistill.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from diffdistill.training.ema import EMA
 from diffdistill.training.logging import LoggerConfig, MetricWindow, TrackerLogger, build_trackers
 from diffdistill.training.optim import OptimizerSpec
@@ -52,7 +53,7 @@ class TrainerConfig:
         mixed_precision: accelerate's ``no`` / ``bf16`` / ``fp16``; on CPU always ``no`` (fp32).
         device: ``cpu``, ``cuda`` or ``auto``.
         log_every, sample_every, checkpoint_every, eval_every: intervals in iterations (0 = never).
-        keep_checkpoints: how many step checkpoints to keep (``last.pt`` is always kept).
+        keep_checkpoints: how many step checkpoints to keep (0 = all).
         resume: ``null`` (fresh run; refuses a folder that holds checkpoints), ``auto`` (latest in the
             run folder, or fresh) or a checkpoint path.
         max_nonfinite_streak: consecutive skipped updates before the run stops with an error.
@@ -174,23 +175,60 @@ class DistillTrainer:
     # state
 
     def state_dict(self) -> dict[str, Any]:
-        unwrap = self.accelerator.unwrap_model
+        """The trainer's own state (no module weights: those go to model folders), safe for ``weights_only``."""
         return {
             "step": self.step,
             "train_seconds": self.train_seconds,
             "objective": self.objective.name,
-            "roles": {k: unwrap(m).state_dict() for k, m in self.roles.items() if k != "teacher"},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "ema": {str(d): e.state_dict() for d, e in self.emas.items()},
+            "ema_meta": {str(d): {"num_updates": e.num_updates, "decay": e.decay} for d, e in self.emas.items()},
             "objective_state": self.objective.state_dict(),
             "data": self.batcher.state_dict(),
             "rng": rng_state(),
             "nonfinite": dict(self.nonfinite),
-            "config": self.run_config,
+        }
+
+    def _model_folders(self) -> dict[str, tuple[nn.Module, dict | None, dict | None]]:
+        """Every role (but the teacher) and EMA track as ``(module, model config, metadata)``; the generator's
+        config is required (it makes the student loadable alone), other roles fall back to weights only."""
+        from diffdistill.models.io import model_config
+
+        unwrap = self.accelerator.unwrap_model
+        meta = self._model_metadata()
+        out: dict[str, tuple[nn.Module, dict | None, dict | None]] = {}
+        for name, module in self.roles.items():
+            if name == "teacher":
+                continue
+            module = unwrap(module)
+            try:
+                config = model_config(module)
+            except ValueError:
+                if name == "generator":
+                    raise
+                config = None
+            out[name] = (module, config, {**meta, "role": name, "ema_decay": None})
+        for d, e in self.emas.items():
+            out[f"ema_{d}"] = (e.module, model_config(e.module), {**meta, "role": "generator", "ema_decay": d})
+        return out
+
+    def _model_metadata(self) -> dict[str, Any]:
+        obj = self.objective
+        cfg = self.run_config or {}
+        gen = self.accelerator.unwrap_model(self.roles["generator"])
+        return {
+            "objective": obj.name,
+            "paper": {"title": obj.paper.title, "arxiv": obj.paper.arxiv} if obj.paper else None,
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "batch_size": self.cfg.batch_size,
+            "teacher": (cfg.get("backbone") or {}).get("path") or (cfg.get("backbone") or {}).get("_target_"),
+            "guidance": getattr(gen, "guidance", None),
+            "run_name": cfg.get("name"),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :func:`~diffdistill.training.checkpoint.load_checkpoint`'s dict."""
         if state.get("objective") not in (None, self.objective.name):
             raise ValueError(f"checkpoint was written by objective '{state['objective']}', not '{self.objective.name}'")
         unwrap = self.accelerator.unwrap_model
@@ -217,31 +255,33 @@ class DistillTrainer:
         return self.run_dir / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        state = self.state_dict()
-        path = atomic_save(state, self.ckpt_dir / f"step{self.step:07d}.pt")
-        atomic_save(state, self.ckpt_dir / "last.pt")
-        old = sorted(self.ckpt_dir.glob("step*.pt"))[: -self.cfg.keep_checkpoints or None]
-        for p in old if self.cfg.keep_checkpoints > 0 else []:
-            p.unlink()
+        """``checkpoints/step<N>/`` (model folders + trainer state, atomic), then rotate old ones out."""
+        path = save_checkpoint(
+            self.ckpt_dir / f"step{self.step:07d}", self._model_folders(), self.state_dict(), self.run_config
+        )
+        if self.cfg.keep_checkpoints > 0:
+            steps = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
+            for old in steps[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
         return path
 
     def _resume_path(self) -> Path | None:
+        from diffdistill.models.io import latest_checkpoint, resolve_checkpoint
+
         r = self.cfg.resume
-        existing = sorted(self.ckpt_dir.glob("step*.pt")) if self.ckpt_dir.exists() else []
+        latest = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir.exists() else None
         if r is None:
-            if existing:
+            if latest is not None:
                 raise FileExistsError(
                     f"run folder '{self.run_dir}' already holds checkpoints; pass trainer.resume=auto to continue it "
                     "or choose another run_dir (nothing was overwritten)"
                 )
             return None
         if r == "auto":
-            last = self.ckpt_dir / "last.pt"
-            return last if last.exists() else (existing[-1] if existing else None)
-        p = Path(r)
-        if not p.exists():
+            return latest
+        if not Path(r).exists():
             raise FileNotFoundError(f"trainer.resume: checkpoint '{r}' does not exist")
-        return p
+        return resolve_checkpoint(r)
 
     # ------------------------------------------------------------------------------------------
     # one update
@@ -331,14 +371,26 @@ class DistillTrainer:
 
     @torch.no_grad()
     def sample_grid(self) -> dict[str, float]:
-        """Teacher (Heun, many steps) beside the student's EMA one-step samples, same seeds; writes the PNG."""
+        """Teacher (Heun, many steps) beside the student's EMA samples (one step; Heun like the teacher when the
+        objective trains a denoiser, ``student_sampler = "heun"``), same seeds; writes the PNG."""
         return self._sample_grid()[0]
+
+    @property
+    def _student_heun(self) -> bool:
+        """Whether the objective's student is a denoiser sampled like the teacher (EDM training), not a generator."""
+        return getattr(self.objective, "student_sampler", "one_step") == "heun"
+
+    def _heun(self, model: nn.Module, denoise, z: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """``teacher_sample_steps`` Heun steps over ``model``'s Karras grid (Karras et al. 2022, Alg. 1)."""
+        sig = karras_sigmas(self.cfg.teacher_sample_steps, model.sigma_min, model.sigma_max, append_zero=True)
+        return heun_sample(denoise, z * sig[0], sig, cond)
 
     def _grid_labels(self, few_steps: int | None) -> tuple[str, list[str]]:
         """The figure title (objective, training step) and one header per panel (sampler, steps, NFE)."""
         n = self.cfg.teacher_sample_steps
         ema = f" (EMA {max(self.emas):g})" if self.emas else " (online)"
-        labels = [f"teacher: Heun {n} step{'s' if n > 1 else ''} ({2 * n - 1} NFE)", f"student{ema}: 1 step (1 NFE)"]
+        heun = f"Heun {n} step{'s' if n > 1 else ''} ({2 * n - 1} NFE)"
+        labels = [f"teacher: {heun}", f"student{ema}: {heun if self._student_heun else '1 step (1 NFE)'}"]
         if few_steps is not None:
             labels.append(f"student{ema}: {few_steps} steps ({few_steps} NFE)")
         return f"{self.objective.name}: training step {self.step}", labels
@@ -349,19 +401,16 @@ class DistillTrainer:
         z, cond = self._grid_inputs()
         gen = self.ema_generator()
         with torch.random.fork_rng():
-            student = gen(z, cond)
+            student = self._heun(gen, gen.denoise, z, cond) if self._student_heun else gen(z, cond)
             teacher_path = self.run_dir / "samples" / "teacher.pt"
             if teacher_path.exists():
                 teacher = torch.load(teacher_path).to(self.device)
             else:
-                sig = karras_sigmas(
-                    self.cfg.teacher_sample_steps, self.teacher.sigma_min, self.teacher.sigma_max, append_zero=True
-                )
-                teacher = heun_sample(self.teacher, z * sig[0], sig, cond)
+                teacher = self._heun(self.teacher, self.teacher, z, cond)
                 teacher_path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(teacher.cpu(), teacher_path)
             few = None
-            if len(gen.sampling_sigmas) > 1:
+            if len(gen.sampling_sigmas) > 1 and not self._student_heun:
                 few = gen.sample(z, cond, generator=torch.Generator(z.device).manual_seed(0))
         stats = {"sample_mean": float(student.mean()), "sample_std": float(student.std())}
         title, labels = self._grid_labels(len(gen.sampling_sigmas) if few is not None else None)
@@ -481,7 +530,8 @@ class DistillTrainer:
                 with torch.random.fork_rng():
                     metrics = self.evaluator(self.ema_generator(), self.step)
                 logger.log(self.step, metrics, kind="eval")
-            if c.checkpoint_every and (self.step % c.checkpoint_every == 0 or end):
+            # the end of a run always leaves a checkpoint: its model folders are the run's result
+            if (c.checkpoint_every and self.step % c.checkpoint_every == 0) or end:
                 self.save_checkpoint()
         return last
 

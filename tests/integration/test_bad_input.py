@@ -10,29 +10,62 @@ import torch
 from diffdistill.cli.train import run
 from diffdistill.data.fashion_mnist import FashionMNIST, read_idx
 from diffdistill.models import Teacher
-from diffdistill.training.checkpoint import atomic_save, load_checkpoint
+from diffdistill.training.checkpoint import load_checkpoint
 from tests.helpers import TINY, compose_train
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path):
     run(compose_train([*TINY, f"run_dir={tmp_path}"]))
-    ckpt = tmp_path / "checkpoints" / "last.pt"
-    before = ckpt.read_bytes()
+    manifest = tmp_path / "checkpoints" / "step0000004" / "manifest.json"
+    before = manifest.read_bytes()
     with pytest.raises(FileExistsError, match="resume=auto"):
         run(compose_train([*TINY, f"run_dir={tmp_path}"]))
-    assert ckpt.read_bytes() == before
+    assert manifest.read_bytes() == before
 
 
-def test_corrupt_and_missing_checkpoints(tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"\x00not a checkpoint")
-    with pytest.raises(ValueError, match="corrupt or truncated"):
-        load_checkpoint(bad)
-    atomic_save({"weights": torch.ones(3)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a diffdistill checkpoint"):
-        load_checkpoint(tmp_path / "other.pt")
+class _Payload:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def test_corrupt_foreign_and_missing_checkpoints(tmp_path):
+    run(compose_train([*TINY, f"run_dir={tmp_path / 'run'}"]))
+    ckpt = tmp_path / "run" / "checkpoints" / "step0000004"
+    assert load_checkpoint(ckpt)["step"] == 4
+    # a single-file checkpoint of another format
+    (tmp_path / "old.pt").write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(ValueError, match="another format"):
+        load_checkpoint(tmp_path / "old.pt")
+    # one flipped bit inside a tensor is caught by the manifest
+    weights = ckpt / "generator" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        load_checkpoint(ckpt)
+    # a crafted pickle never runs, even with a manifest that matches it
+    import json
+
+    from diffdistill.training.checkpoint import _sha256
+
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "x": _Payload(marker)}, ckpt / "trainer_state.pt")
+    weights.write_bytes(bytes(data[:-10]) + bytes([data[-10] ^ 0x01]) + bytes(data[-9:]))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for rel in manifest:
+        f = ckpt / rel
+        manifest[rel] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="cannot be read safely"):
+        load_checkpoint(ckpt)
+    assert not marker.exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        run(compose_train([*TINY, f"run_dir={tmp_path / 'r'}", f"trainer.resume={tmp_path / 'missing.pt'}"]))
+        run(compose_train([*TINY, f"run_dir={tmp_path / 'r'}", f"trainer.resume={tmp_path / 'missing'}"]))
 
 
 def test_missing_teacher_and_dataset():

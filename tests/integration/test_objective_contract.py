@@ -53,9 +53,9 @@ def test_objective_composes_alone_and_trains(name, tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [v for r in recs if r["kind"] == "train" for k, v in r.items() if k.endswith("_loss")]
     assert losses and all(isinstance(v, float) for v in losses)  # non-finite values are logged as strings
-    assert (tmp_path / "checkpoints" / "last.pt").exists()
+    assert (tmp_path / "checkpoints" / "LATEST").exists()
     assert list((tmp_path / "samples").glob("step*.png"))
-    gen = load_generator(tmp_path / "checkpoints" / "last.pt")
+    gen = load_generator(tmp_path / "checkpoints" / "last")
     assert gen(torch.randn(2, 1, 8, 8)).shape == (2, 1, 8, 8)
 
 
@@ -84,8 +84,8 @@ def test_objective_resumes_bit_for_bit(name, tmp_path):
     build_trainer(compose_train(_overrides(name, tmp_path / "full", 4, extra))).fit()
     build_trainer(compose_train(_overrides(name, tmp_path / "half", 2, extra))).fit()
     build_trainer(compose_train(_overrides(name, tmp_path / "half", 4, [*extra, "trainer.resume=auto"]))).fit()
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "half" / "checkpoints" / "last.pt")
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last")
+    b = load_checkpoint(tmp_path / "half" / "checkpoints" / "last")
     assert a["step"] == b["step"] == 4
     for key in ("roles", "optimizers", "ema", "data", "objective_state"):
         assert _state_equal(a[key], b[key]), key
@@ -127,3 +127,43 @@ def test_gradients_reach_only_the_updated_roles(name, tmp_path):
     updated = {r for names, _ in seen for r in names}
     assert "generator" in reached and reached == updated, f"roles {sorted(updated - reached)} got no gradient"
     assert updated <= set(OBJECTIVES[name].roles)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_student_loads_alone_from_its_model_folder(name, tmp_path):
+    """Every checkpoint holds the generator and each EMA track as model folders that rebuild the student with no
+    dataset, objective, trainer or loss network: loaded in a fresh interpreter where those packages cannot even
+    be imported, it computes what the trained student computes."""
+    import subprocess
+    import sys
+
+    trainer = build_trainer(compose_train(_overrides(name, tmp_path, 2, ["trainer.ema_decays=[0.5]"])))
+    trainer.fit()
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2])
+    torch.save({"z": z, "labels": labels}, tmp_path / "inputs.pt")
+    expected = {}
+    with torch.no_grad():
+        from diffdistill.models.conditioning import Conditioning
+
+        for track, module in (("generator", trainer.roles["generator"]), ("ema_0.5", trainer.emas[0.5].module)):
+            expected[track] = module.eval()(z, Conditioning(class_labels=labels))
+    code = f"""
+import sys, torch
+for blocked in ("diffdistill.data", "diffdistill.objectives", "diffdistill.training", "lpips"):
+    sys.modules[blocked] = None  # importing any of them now fails
+from diffdistill import load_generator
+from diffdistill.models.conditioning import Conditioning
+inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+out = {{}}
+for track, ema in (("generator", None), ("ema_0.5", 0.5)):
+    gen = load_generator({str(tmp_path)!r}, ema=ema)
+    with torch.no_grad():
+        out[track] = gen(inputs["z"], Conditioning(class_labels=inputs["labels"]))
+torch.save(out, {str(tmp_path / "out.pt")!r})
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    for track in expected:
+        torch.testing.assert_close(got[track], expected[track], rtol=0, atol=1e-6)

@@ -100,7 +100,7 @@ def test_console_scripts_run_from_an_empty_folder_against_the_wheel(wheel, tmp_p
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"PACKAGE {tmp_path / 'site'}" in res.stderr  # the wheel's copy ran, not the checkout
     (run,) = (tmp_path / "empty" / "runs" / "toy_dmd").iterdir()
-    assert (run / "checkpoints" / "last.pt").exists() and (run / "metrics.jsonl").exists()
+    assert (run / "checkpoints" / "LATEST").exists() and (run / "metrics.jsonl").exists()
     res = _from_unpacked(wheel, tmp_path, "diffdistill.cli.train", "--cfg", "job", "objective=cd")
     assert res.returncode == 0 and "ConsistencyDistillation" in res.stdout, res.stderr[-2000:]
     for module in ("diffdistill.cli.train", "diffdistill.cli.evaluate", "diffdistill.cli.teacher"):
@@ -126,7 +126,7 @@ def test_a_sweep_gives_each_job_its_own_folder(tmp_path):
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
     seen = set()
     for job in jobs:
-        assert (job / "checkpoints" / "last.pt").exists() and (job / "metrics.jsonl").exists()
+        assert (job / "checkpoints" / "LATEST").exists() and (job / "metrics.jsonl").exists()
         seen.add(float(next(ln for ln in (job / "config.yaml").read_text().splitlines() if "  lr:" in ln).split()[1]))
     assert seen == {1e-3, 1e-2, 1e-1, 1.0}
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()

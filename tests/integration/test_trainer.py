@@ -18,7 +18,7 @@ def test_dmd_toy_run_reaches_true_distribution(tmp_path):
     """experiment=toy/dmd: one-step samples of N(0.3, 0.8^2) in 16-d within 0.03 in mean and std."""
     cfg = compose_train(["experiment=toy/dmd", f"run_dir={tmp_path}", "trainer.device=cpu"])
     run(cfg)
-    gen = load_generator(tmp_path / "checkpoints" / "last.pt", ema=None)
+    gen = load_generator(tmp_path / "checkpoints" / "last", ema=None)
     with torch.no_grad():
         x = gen(torch.randn(20000, 16, generator=torch.Generator().manual_seed(0)))
     assert x.mean(0).sub(0.3).abs().max().item() < 0.03
@@ -65,8 +65,8 @@ def test_resume_continues_the_same_trajectory(tmp_path, base):
     half.fit()
     resumed = build_trainer(_toy(tmp_path / "half", 10, ["trainer.resume=auto"], base=base))
     resumed.fit()
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "half" / "checkpoints" / "last.pt")
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last")
+    b = load_checkpoint(tmp_path / "half" / "checkpoints" / "last")
     assert a["step"] == b["step"] == 10
     for key in ("roles", "optimizers", "ema", "data"):
         assert _state_equal(a[key], b[key]), key
@@ -86,18 +86,18 @@ def test_time_budget_stops_checkpoints_and_survives_resume(tmp_path):
     cfg = _toy(tmp_path, 10**6, once)
     trainer = build_trainer(cfg)
     trainer.fit()
-    first = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    first = load_checkpoint(tmp_path / "checkpoints" / "last")
     assert 0 < first["step"] < 10**6 and first["train_seconds"] >= 0.5
     assert first["train_seconds"] < 0.5 + 1.0  # stops within an iteration or so of the budget
     resumed = build_trainer(_toy(tmp_path, 10**6, ["trainer.max_time_s=1.0", "trainer.resume=auto"]))
     assert resumed.train_seconds == 0.0
     resumed.fit()
-    second = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    second = load_checkpoint(tmp_path / "checkpoints" / "last")
     assert second["step"] > first["step"] and 1.0 <= second["train_seconds"] < 2.0
     # no further iteration when the budget is already spent
     again = build_trainer(_toy(tmp_path, 10**6, ["trainer.max_time_s=1.0", "trainer.resume=auto"]))
     again.fit()
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == second["step"]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last")["step"] == second["step"]
 
 
 def test_ttur_update_counts(tmp_path):
@@ -140,6 +140,6 @@ def test_tiny_unet_run_writes_samples_and_checkpoints(tmp_path):
     cfg = compose_train([*TINY, f"run_dir={tmp_path}"])
     run(cfg)
     assert sorted(p.name for p in (tmp_path / "samples").glob("step*.png")) == ["step0000002.png", "step0000004.png"]
-    assert (tmp_path / "checkpoints" / "last.pt").exists()
-    gen = load_generator(tmp_path / "checkpoints" / "last.pt")
+    assert (tmp_path / "checkpoints" / "LATEST").exists()
+    gen = load_generator(tmp_path / "checkpoints" / "last")
     assert gen(torch.randn(2, 1, 8, 8)).shape == (2, 1, 8, 8)

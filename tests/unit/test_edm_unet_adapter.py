@@ -83,7 +83,7 @@ def test_imagenet64_recipes_run_on_a_local_tiny_teacher(folder, objective, tmp_p
     )
     assert cfg.optim.name in ("radam", "adam")
     run(cfg)
-    gen = load_generator(tmp_path / "checkpoints" / "last.pt")
+    gen = load_generator(tmp_path / "checkpoints" / "last")
     with torch.no_grad():
         x = gen(torch.randn(2, 3, 8, 8) * 80, Conditioning(class_labels=torch.tensor([0, 2])))
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()

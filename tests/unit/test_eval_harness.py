@@ -126,20 +126,17 @@ def test_cli_run_dir(tmp_path, monkeypatch, no_network):
     (run / "checkpoints").mkdir(parents=True)
     means = {10: 0.6, 20: 0.3, 30: 0.0}
     for s in means:
-        (run / "checkpoints" / f"step{s:06d}.pt").write_bytes(b"")
+        (run / "checkpoints" / f"step{s:07d}").mkdir()
+        (run / "checkpoints" / f"step{s:07d}" / "trainer_state.pt").write_bytes(b"")
     loaded = []
 
     def fake_load_generator(path, ema="auto"):
         loaded.append((path, ema))
         return _gen(mean=means[cli.checkpoint_step(path)])
 
-    import types
+    import diffdistill.models.io
 
-    monkeypatch.setitem(
-        __import__("sys").modules,
-        "diffdistill.training.builders",
-        types.SimpleNamespace(load_generator=fake_load_generator),
-    )
+    monkeypatch.setattr(diffdistill.models.io, "load_generator", fake_load_generator)
     from omegaconf import OmegaConf
 
     cfg = cli.compose(["eval=random_cnn", f"run_dir={run}", "ema=null", "eval.num_images=48"])

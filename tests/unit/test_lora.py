@@ -97,14 +97,14 @@ def test_lcm_lora_trains_only_adapters_and_reloads(tmp_path):
     with torch.no_grad():
         assert torch.equal(teacher(x, s, c), t_before)
         out = gen.denoise(x, s, c)
-    reloaded = load_generator(tmp_path / "checkpoints" / "last.pt", ema=None)
+    reloaded = load_generator(tmp_path / "checkpoints" / "last", ema=None)
     assert has_lora(reloaded)
     with torch.no_grad():
         assert torch.allclose(reloaded.denoise(x, s, c), out, atol=1e-6)
     ema = trainer.ema_generator()
     shared = [n for n, p in ema.named_parameters() if "lora_" not in n]
     assert shared and all(dict(ema.named_parameters())[n] is after[n] for n in shared)  # no second base copy
-    reloaded_ema = load_generator(tmp_path / "checkpoints" / "last.pt")
+    reloaded_ema = load_generator(tmp_path / "checkpoints" / "last")
     with torch.no_grad():
         assert torch.allclose(reloaded_ema.denoise(x, s, c), ema.denoise(x, s, c), atol=1e-6)
     target = trainer.roles["target_generator"]  # LCM's target network shares the base as well

@@ -110,7 +110,7 @@ def _affine_gen(boundary=0.002, a=0.3, b=-0.2):
 def test_cd_pairs_target_gradient_and_ema(toy):
     torch.manual_seed(0)
     gen = _affine_gen()
-    obj = ConsistencyDistillation(teacher=Teacher(toy.teacher()), generator=gen, distance="l2", num_scales=18)
+    obj = ConsistencyDistillation.create(teacher=Teacher(toy.teacher()), generator=gen, distance="l2", num_scales=18)
     s, s_next = obj.sample_pair(4096, torch.device("cpu"))
     grid = obj.sigmas.tolist()
     assert (s > s_next).all()
@@ -361,7 +361,9 @@ def test_scm_loss_value_and_adaptive_weight_optimum(toy):
     """At the forward pass sq = ||g_n||^2 / D; training only w_phi drives e^{-logvar} sq -> 1 (e^w = D / M)."""
     torch.manual_seed(0)
     gen = _affine_gen(boundary=0.0)
-    obj = SCM(teacher=Teacher(toy.teacher()), generator=gen, tangent_warmup_steps=0, jvp_backend="finite_difference")
+    obj = SCM.create(
+        teacher=Teacher(toy.teacher()), generator=gen, tangent_warmup_steps=0, jvp_backend="finite_difference"
+    )
     opt = torch.optim.Adam(gen.adaptive_weight.parameters(), lr=5e-2)
     for step in range(300):
         out = obj.generator_loss(toy.get(torch.arange(256) + 256 * step), step)
@@ -427,7 +429,7 @@ def test_toy_cd_reaches_data(toy):
     hence the 4000 steps (~6 s)."""
     torch.manual_seed(0)
     gen = _affine_gen()
-    obj = ConsistencyDistillation(teacher=Teacher(toy.teacher()), generator=gen, distance="l2", num_scales=40)
+    obj = ConsistencyDistillation.create(teacher=Teacher(toy.teacher()), generator=gen, distance="l2", num_scales=40)
     one, two = _train(obj, gen, toy, 4000)
     assert_near_data(one, two)
 
@@ -436,7 +438,7 @@ def test_toy_cd_n18_lands_on_the_heun_chain(toy):
     """With N = 18 the Heun chain overestimates the std (0.838 vs 0.8); CD must reproduce the chain, not the truth."""
     torch.manual_seed(0)
     gen = _affine_gen()
-    obj = ConsistencyDistillation(teacher=Teacher(toy.teacher()), generator=gen, distance="l2")
+    obj = ConsistencyDistillation.create(teacher=Teacher(toy.teacher()), generator=gen, distance="l2")
     expected = _chain_std(karras_sigmas(18).tolist(), "heun")
     assert expected == pytest.approx(0.838, abs=2e-3)
     one, _ = _train(obj, gen, toy, 1500)
@@ -446,7 +448,7 @@ def test_toy_cd_n18_lands_on_the_heun_chain(toy):
 def test_toy_ict_reaches_data(toy):
     torch.manual_seed(0)
     gen = _affine_gen()
-    obj = ICT(generator=gen, total_steps=800)
+    obj = ICT.create(generator=gen, total_steps=800)
     one, two = _train(obj, gen, toy, 800, lr=1e-2)
     assert_near_data(one, two)
 
@@ -464,7 +466,7 @@ def test_toy_lcm_lands_on_its_solver_chain(toy, solver):
     """LCM with a 100-point grid and k = 5: DDIM's chain gives std 0.70, Heun's ~0.82; the student must match."""
     torch.manual_seed(0)
     gen = _affine_gen()
-    obj = LCM(teacher=Teacher(toy.teacher()), generator=gen, num_scales=100, skipping_step=5, solver=solver)
+    obj = LCM.create(teacher=Teacher(toy.teacher()), generator=gen, num_scales=100, skipping_step=5, solver=solver)
     grid = obj.sigmas_asc
     path = [float(grid[i]) for i in obj.start_index] + [float(grid[0])]
     expected = _chain_std(path, "euler" if solver == "ddim" else "heun")
@@ -476,7 +478,9 @@ def test_toy_lcm_lands_on_its_solver_chain(toy, solver):
 def test_toy_scm_reaches_data(toy, mode, backend):
     torch.manual_seed(0)
     gen = _affine_gen(boundary=0.0)
-    obj = SCM(teacher=Teacher(toy.teacher()), generator=gen, mode=mode, jvp_backend=backend, tangent_warmup_steps=200)
+    obj = SCM.create(
+        teacher=Teacher(toy.teacher()), generator=gen, mode=mode, jvp_backend=backend, tangent_warmup_steps=200
+    )
     one, two = _train(obj, gen, toy, 600 if mode == "scd" else 800, lr=1e-2)
     assert_near_data(one, two, tol_std=0.03 if mode == "scd" else 0.04, tol_mean=0.03 if mode == "scd" else 0.04)
 
@@ -490,11 +494,11 @@ def test_registry_papers_and_pass_counts(toy):
         assert cls.paper is not None and cls.paper.arxiv
     teacher = Teacher(toy.teacher())
     objs = [
-        ConsistencyDistillation(teacher=teacher, generator=_affine_gen(), distance="l2"),
-        ICT(generator=_affine_gen()),
+        ConsistencyDistillation.create(teacher=teacher, generator=_affine_gen(), distance="l2"),
+        ICT.create(generator=_affine_gen()),
         ECT(generator=_affine_gen(0.0)),
-        LCM(teacher=teacher, generator=_affine_gen(), num_scales=100, skipping_step=5),
-        SCM(teacher=teacher, generator=_affine_gen(0.0)),
+        LCM.create(teacher=teacher, generator=_affine_gen(), num_scales=100, skipping_step=5),
+        SCM.create(teacher=teacher, generator=_affine_gen(0.0)),
     ]
     costs = {type(o).__name__: o.pass_count().cost() for o in objs}
     assert all(isinstance(o.pass_count(), PassCount) for o in objs)
@@ -514,7 +518,7 @@ def test_lcm_guidance_embedding_and_mlp_student():
     x, sigma = torch.randn(4, 2), torch.full((4,), 1.0)
     labels = torch.tensor([0, 1, 2, 3])
     ref = gen.denoise(x, sigma, Conditioning(class_labels=labels))
-    obj = LCM(teacher=teacher, generator=gen, num_scales=100, skipping_step=5)
+    obj = LCM.create(teacher=teacher, generator=gen, num_scales=100, skipping_step=5)
     assert obj.embedded_guidance and isinstance(gen.denoiser, ConsistencyDenoiser)
     w_cond = Conditioning(class_labels=labels, guidance_scale=torch.full((4,), 7.0))
     assert torch.allclose(gen.denoiser.inner(x, sigma, w_cond), ref)  # zero-initialised: unchanged at init
@@ -555,7 +559,7 @@ def test_unet_guidance_embedding_and_scm_jvp_through_attention():
     assert not torch.allclose(den(x, sigma, c), ref)
     # sCT on a UNet with attention: forward-mode AD needs the math SDPA kernel on CPU
     gen = Generator(edm_unet(cfg))
-    obj = SCM(teacher=None, generator=gen, mode="sct")
+    obj = SCM.create(teacher=None, generator=gen, mode="sct")
     out = obj.generator_loss(Batch(torch.rand(2, 1, 8, 8) * 2 - 1), 5)
     out.loss.mean().backward()
     assert torch.isfinite(out.loss).all()
@@ -583,5 +587,5 @@ def test_configs_instantiate(toy):
         kw = {"generator": _affine_gen(0.0 if name in ("ect", "scm") else 0.002)}
         if "teacher" in params:
             kw["teacher"] = teacher
-        obj = factory(**kw)
+        obj = cls.create(**factory.keywords, **kw)
         assert isinstance(obj, cls)

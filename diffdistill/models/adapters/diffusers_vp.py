@@ -73,6 +73,35 @@ class DiffusersVPDenoiser(Denoiser):
             raise FileNotFoundError(f"could not load a diffusers UNet2DModel + DDPMScheduler from '{path}': {e}") from e
         return cls(unet, sched.alphas_cumprod, sched.config.prediction_type, quantize, num_classes=num_classes)
 
+    @classmethod
+    def from_config(
+        cls,
+        unet_config: dict,
+        alphas_cumprod: list[float],
+        prediction_type: str = "epsilon",
+        quantize: bool = False,
+        sigma_data: float = 0.5,
+        num_classes: int | None = None,
+    ) -> DiffusersVPDenoiser:
+        """The architecture alone (random weights), as a saved model folder records it."""
+        from diffusers import UNet2DModel
+
+        unet = UNet2DModel.from_config(unet_config)
+        return cls(
+            unet, torch.tensor(alphas_cumprod, dtype=torch.float64), prediction_type, quantize, sigma_data, num_classes
+        )
+
+    def to_config(self) -> dict:
+        return {
+            "_target_": "diffdistill.models.adapters.diffusers_vp.DiffusersVPDenoiser.from_config",
+            "unet_config": {k: v for k, v in self.unet.config.items() if not k.startswith("_")},
+            "alphas_cumprod": self.schedule.alphas_cumprod.double().cpu().tolist(),
+            "prediction_type": self.prediction_type,
+            "quantize": self.schedule.quantize,
+            "sigma_data": self.sigma_data,
+            "num_classes": self.num_classes,
+        }
+
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
