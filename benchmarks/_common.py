@@ -2,7 +2,7 @@
 
 Networks (random weights, built from config; nothing is downloaded):
 
-* ``fashion_mnist``: the packaged Fashion-MNIST teacher architecture (``configs/teacher.yaml`` model section),
+* ``fashion_mnist``: the packaged Fashion-MNIST teacher architecture (``configs/backbone/fashion_mnist_unet.yaml``),
   class-conditional 32x32x1, 1.06M parameters.
 * ``sd_tiny``: the tiny SD-shaped ``UNet2DConditionModel`` (985k parameters, 16x16x4 latents, cross-attention
   dim 32) on which the diffusers LCM script (``examples/consistency_distillation/train_lcm_distill_sd_wds.py``)
@@ -341,12 +341,13 @@ class Network:
 
 
 def fashion_mnist_denoiser(seed: int = 0):
-    """The packaged teacher's architecture (``configs/teacher.yaml``), random weights."""
+    """The packaged teacher's architecture (``configs/backbone/fashion_mnist_unet.yaml``), random weights."""
     from omegaconf import OmegaConf
 
     from diffdistill.models.builders import edm_unet
 
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "diffdistill" / "configs" / "teacher.yaml").model, resolve=True)
+    path = ROOT / "diffdistill" / "configs" / "backbone" / "fashion_mnist_unet.yaml"
+    cfg = OmegaConf.to_container(OmegaConf.load(path).denoiser, resolve=True)
     cfg.pop("_target_")
     torch.manual_seed(seed)
     return edm_unet(**cfg)

@@ -5,7 +5,7 @@
 Inputs are 32x32 grayscale uint8 images (Fashion-MNIST's format), so extraction times include the
 clean-fid resize to each network's input size. Extractors whose weights are user-supplied (Inception, CLIP)
 are timed with random weights of the same architecture (speed only). Generation uses the packaged
-Fashion-MNIST teacher architecture (configs/teacher.yaml) with random weights.
+Fashion-MNIST teacher architecture (configs/backbone/fashion_mnist_unet.yaml) with random weights.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ def bench_generation(quick: bool) -> list[dict]:
     from diffdistill.models import Generator, Teacher
     from diffdistill.models.builders import edm_unet
 
-    model_cfg = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "teacher.yaml").model, resolve=True)
+    arch = Path(CONFIG_DIR) / "backbone" / "fashion_mnist_unet.yaml"
+    model_cfg = OmegaConf.to_container(OmegaConf.load(arch).denoiser, resolve=True)
     model_cfg.pop("_target_")
     torch.manual_seed(0)
     den = edm_unet(**model_cfg)

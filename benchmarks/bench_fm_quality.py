@@ -110,8 +110,10 @@ def main() -> None:
 
     info = machine_info("cpu")
     # every registered objective, then the other Fashion-MNIST recipes (variants such as lcm_lora)
-    names = args.objectives or sorted(OBJECTIVES) + sorted(
-        p.stem for p in RECIPES.glob("*.yaml") if p.stem not in OBJECTIVES
+    # (objectives that train a denoiser, such as the EDM teacher recipe, have no one-step student to score)
+    distilling = sorted(n for n, cls in OBJECTIVES.items() if cls.student_sampler == "one_step")
+    names = args.objectives or distilling + sorted(
+        p.stem for p in RECIPES.glob("*.yaml") if p.stem not in OBJECTIVES and p.stem != "teacher"
     )
     ev = evaluator(args.num_images, args.threads)
     result: dict[str, Any] = {

@@ -16,9 +16,11 @@ log = logging.getLogger("diffdistill")
 @contextlib.contextmanager
 def friendly_errors():
     """Turn expected user errors (missing files, bad values) into one clear message and exit code 2."""
+    from diffdistill.training.checkpoint import CheckpointError
+
     try:
         yield
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, CheckpointError) as e:
         print(f"diffdistill: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -69,14 +69,20 @@ def as_conditioning(cond: Conditioning | None) -> Conditioning:
 
 @dataclass
 class Batch:
-    """One training batch: real samples (``None`` for data-free objectives) and their conditioning."""
+    """One training batch: real samples (``None`` for data-free objectives) and their conditioning.
+
+    ``scratch`` is per-batch working space an objective may fill in ``generator_loss`` and read back in
+    ``critic_loss`` of the same iteration (DMD2 reuses the generated images): it travels with the batch, so
+    gradient accumulation and multi-process training pair each critic batch with its own generator output.
+    """
 
     x0: Tensor | None
     cond: Conditioning = field(default_factory=Conditioning)
+    scratch: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
         return self.x0.shape[0] if self.x0 is not None else self.cond.batch_size
 
     def to(self, device) -> Batch:
-        return Batch(None if self.x0 is None else self.x0.to(device), self.cond.to(device))
+        return Batch(None if self.x0 is None else self.x0.to(device), self.cond.to(device), self.scratch)

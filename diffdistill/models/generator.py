@@ -41,6 +41,10 @@ class Generator(WrapsDenoiser, nn.Module):
         adaptive_weight: nn.Module | None = None,
     ):
         super().__init__()
+        if not float(sigma_init) > 0:
+            raise ValueError(f"student.sigma_init must be > 0, got {sigma_init}")
+        if sampling_sigmas is not None and any(not float(s) > 0 for s in sampling_sigmas):
+            raise ValueError(f"student.sampling_sigmas must all be > 0, got {list(sampling_sigmas)}")
         self.denoiser = denoiser
         self.sigma_init = float(sigma_init)
         self.sampling_sigmas = [float(s) for s in (sampling_sigmas or [sigma_init])]

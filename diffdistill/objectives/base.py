@@ -88,6 +88,8 @@ class Objective:
         generator_roles: the trainable roles updated by :meth:`generator_loss` (the others are critics,
             updated by :meth:`critic_loss`).
         requires_real_data: whether batches must carry real samples (GAN terms, consistency training).
+        student_sampler: how the sample grids draw from the student: ``"one_step"`` (a distilled generator) or
+            ``"heun"`` (the objective trains a denoiser, sampled like a teacher: EDM training).
 
     The hooks the trainer and the builder call are all declared here with their defaults; an objective
     overrides only what it needs.
@@ -99,6 +101,7 @@ class Objective:
     frozen_roles: ClassVar[tuple[str, ...]] = ()
     generator_roles: ClassVar[tuple[str, ...]] = ("generator",)
     requires_real_data: ClassVar[bool] = False
+    student_sampler: ClassVar[str] = "one_step"
     update_schedule: UpdateSchedule = UpdateSchedule()
 
     @classmethod

@@ -83,7 +83,6 @@ class DMD(Objective):
         self.real_guidance_scale = real_guidance_scale
         self.fake_weighting, self.normalize = fake_weighting, normalize
         self.update_schedule = UpdateSchedule(critic_steps_per_generator_step, generator_warmup_steps)
-        self._cache: tuple[Tensor, Conditioning] | None = None
 
     # ------------------------------------------------------------------------------------------
     def generate(self, batch: Batch) -> tuple[Tensor, Conditioning]:
@@ -103,7 +102,7 @@ class DMD(Objective):
             x0_fake = self.fake_score(x_t, sigma, cond)
             # (DMD Eq. 8) per-sample normalised gradient
             g = dmd_gradient(x.detach(), x0_real, x0_fake, self.normalize)
-        self._cache = (x.detach(), cond)
+        batch.scratch["dmd_generated"] = (x.detach(), cond)
         # inject g through the surrogate MSE (as DMD2's code does; docs/invariants.md §5)
         loss = gradient_injection_loss(x, g)
         return LossOutput(
@@ -111,12 +110,12 @@ class DMD(Objective):
         )
 
     def critic_loss(self, batch: Batch, step: int) -> LossOutput:
-        if self._cache is not None and self._cache[0].shape[0] == batch.batch_size:
-            x, cond = self._cache  # DMD2 re-uses the images generated in the same iteration
+        cached = batch.scratch.pop("dmd_generated", None)
+        if cached is not None:
+            x, cond = cached  # DMD2 re-uses the images generated in the same iteration
         else:
             with torch.no_grad():
                 x, cond = self.generate(batch)
-        self._cache = None
         # (DMD Eq. 6) fake-score denoising loss over the full sigma range
         sigma = karras_index_sigmas(self.sigmas, x.shape[0], 0, len(self.sigmas) - 1, x.device)
         loss = denoising_score_matching_loss(self.fake_score, x.detach(), sigma, cond, self.fake_weighting)

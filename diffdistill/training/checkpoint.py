@@ -14,8 +14,10 @@ Layout of ``<run>/checkpoints/step0000100/``:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -37,6 +39,12 @@ from diffdistill.models.io import (
     resolve_checkpoint,
     write_model_files,
 )
+
+log = logging.getLogger("diffdistill")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the previous checkpoints are intact."""
 
 
 def _sha256(path: Path) -> str:
@@ -104,11 +112,46 @@ def save_checkpoint(
         if folder.exists():  # the same step written again (a resumed run that ends where it started)
             shutil.rmtree(folder)
         os.replace(tmp, folder)
+        atomic_write_text(folder.parent / LATEST, folder.name + "\n")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+        raise CheckpointError(
+            f"could not write checkpoint '{folder}': {why}; nothing was half-written and earlier checkpoints in "
+            f"'{folder.parent}' are intact (free space, or set trainer.keep_checkpoints lower)"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(folder.parent / LATEST, folder.name + "\n")
     return folder
+
+
+def clean_temporary(folder: Path) -> list[Path]:
+    """Remove what an interrupted save left in ``folder`` (a run's ``checkpoints/``): temp folders and files."""
+    removed = []
+    for p in folder.glob(".*.tmp*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted checkpoint write in %s", len(removed), folder)
+    return removed
+
+
+def newest_valid_checkpoint(folder: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint in ``folder`` that verifies against its manifest, and the newer ones that did not
+    (each with the reason), newest first. ``LATEST`` is only a hint: a crash between the rename of a complete
+    checkpoint and the update of ``LATEST`` leaves the newer folder valid, and it is taken."""
+    rejected: list[tuple[Path, str]] = []
+    steps = sorted((p for p in folder.glob("step*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+    for p in steps:
+        try:
+            verify_checkpoint(p)
+            if not (p / TRAINER_STATE).exists():
+                raise ValueError(f"checkpoint '{p}' has no {TRAINER_STATE}")
+            return p, rejected
+        except ValueError as e:
+            rejected.append((p, str(e)))
+    return None, rejected
 
 
 def verify_checkpoint(folder: Path) -> None:

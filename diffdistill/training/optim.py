@@ -31,6 +31,30 @@ class OptimizerSpec:
     lr_per_role: dict[str, float] = field(default_factory=dict)
     betas_per_role: dict[str, tuple[float, float]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        from diffdistill.utils.validate import require
+
+        require(self.name in ("adamw", "adam", "radam"), "optim.name", "must be adamw, adam or radam", self.name)
+        for key in ("lr", "eps"):
+            v = getattr(self, key)
+            require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, f"optim.{key}", "must be > 0", v)
+        wd, warm = self.weight_decay, self.warmup_steps
+        require(isinstance(wd, (int, float)) and wd >= 0, "optim.weight_decay", "must be >= 0", wd)
+        require(
+            isinstance(warm, int) and not isinstance(warm, bool) and warm >= 0,
+            "optim.warmup_steps",
+            "must be an integer >= 0",
+            warm,
+        )
+        for key, betas in [
+            ("optim.betas", self.betas),
+            *((f"optim.betas_per_role.{k}", b) for k, b in self.betas_per_role.items()),
+        ]:
+            ok = len(list(betas)) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
+            require(ok, key, "must be two numbers in [0, 1)", betas)
+        for k, v in self.lr_per_role.items():
+            require(isinstance(v, (int, float)) and v > 0, f"optim.lr_per_role.{k}", "must be > 0", v)
+
     def build(self, role: str, module: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:

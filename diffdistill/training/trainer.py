@@ -50,6 +50,8 @@ class TrainerConfig:
         batch_size: samples per iteration.
         grad_clip: max gradient norm per role (DMD2: 10); ``0`` disables clipping.
         ema_decays: generator EMA tracks kept beside the online weights.
+        ema_warmup_steps: during the first updates each track uses ``min(decay, (1 + n) / (10 + n))``, so the random
+            initial weights of a network trained from scratch wash out (the EDM teacher recipe: 100).
         mixed_precision: accelerate's ``no`` / ``bf16`` / ``fp16``; on CPU always ``no`` (fp32).
         device: ``cpu``, ``cuda`` or ``auto``.
         log_every, sample_every, checkpoint_every, eval_every: intervals in iterations (0 = never).
@@ -69,6 +71,7 @@ class TrainerConfig:
     batch_size: int = 32
     grad_clip: float = 10.0
     ema_decays: list[float] = field(default_factory=lambda: [0.999])
+    ema_warmup_steps: int = 0
     mixed_precision: str = "no"
     device: str = "auto"
     log_every: int = 10
@@ -84,6 +87,75 @@ class TrainerConfig:
     compile: bool = False
     channels_last: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Types and ranges are checked when the run is built, each failure one line naming its key."""
+        from diffdistill.utils.validate import check_types, require
+
+        check_types(self, "trainer")
+        require(self.max_steps >= 1, "trainer.max_steps", "must be >= 1", self.max_steps)
+        require(self.batch_size >= 1, "trainer.batch_size", "must be >= 1", self.batch_size)
+        for key in (
+            "max_time_s",
+            "ema_warmup_steps",
+            "grad_clip",
+            "log_every",
+            "sample_every",
+            "checkpoint_every",
+            "eval_every",
+            "keep_checkpoints",
+            "num_grid_samples",
+            "teacher_sample_steps",
+        ):
+            require(getattr(self, key) >= 0, f"trainer.{key}", "must be >= 0", getattr(self, key))
+        require(
+            self.max_nonfinite_streak >= 1, "trainer.max_nonfinite_streak", "must be >= 1", self.max_nonfinite_streak
+        )
+        require(
+            self.num_threads is None or self.num_threads >= 1,
+            "trainer.num_threads",
+            "must be >= 1 or null",
+            self.num_threads,
+        )
+        for d in self.ema_decays:
+            require(isinstance(d, (int, float)) and 0.0 <= d < 1.0, "trainer.ema_decays", "must lie in [0, 1)", d)
+        require(
+            self.mixed_precision in ("no", "bf16", "fp16"),
+            "trainer.mixed_precision",
+            "must be no, bf16 or fp16",
+            self.mixed_precision,
+        )
+        dev = self.device
+        require(
+            dev in ("auto", "cpu") or dev == "cuda" or dev.startswith("cuda:"),
+            "trainer.device",
+            "must be auto, cpu, cuda or cuda:<index>",
+            dev,
+        )
+        if dev.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"trainer.device={dev}, but this machine has no CUDA device (use auto or cpu)")
+
+
+def check_data_matches(dataset, generator: nn.Module, teacher: nn.Module, batch_size: int) -> None:
+    """The data fits the networks: sample shape, class labels within the teacher's classes, enough samples."""
+    shape = getattr(dataset, "sample_shape", None)
+    want = tuple(getattr(generator, "sample_shape", ()) or ())
+    if shape is not None and want and tuple(shape) != want:
+        raise ValueError(
+            f"the data's samples have shape {tuple(shape)} but the student/teacher network takes {want} "
+            "(check data.resolution / data.channels / data.dim against the backbone)"
+        )
+    n_data, n_teacher = getattr(dataset, "num_classes", None), getattr(teacher, "num_classes", None)
+    if n_data is not None and n_teacher is not None and n_data > n_teacher:
+        raise ValueError(
+            f"the data has {n_data} classes but the teacher knows {n_teacher}: labels beyond {n_teacher - 1} would "
+            "index past its class embedding (check data.num_classes)"
+        )
+    if hasattr(dataset, "__len__") and len(dataset) < batch_size:
+        raise ValueError(f"trainer.batch_size={batch_size} exceeds the dataset's {len(dataset)} samples")
 
 
 class DistillTrainer:
@@ -129,6 +201,7 @@ class DistillTrainer:
             raise ValueError(f"objective '{objective.name}' needs roles {missing}, which were not built")
         if objective.requires_real_data and getattr(dataset, "sample_shape", None) is None:
             raise ValueError(f"objective '{objective.name}' needs real data, but the dataset provides none")
+        check_data_matches(dataset, roles["generator"], teacher, self.cfg.batch_size)
         device = self.cfg.device
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
         mp = self.cfg.mixed_precision
@@ -165,7 +238,7 @@ class DistillTrainer:
                 if den is not None:
                     roles[name].denoiser = torch.compile(den)
         gen = roles["generator"]
-        self.emas = {float(d): EMA(gen, decay=float(d)) for d in self.cfg.ema_decays}
+        self.emas = {float(d): EMA(gen, float(d), warmup_steps=self.cfg.ema_warmup_steps) for d in self.cfg.ema_decays}
         self.batcher = InfiniteBatcher(dataset, self.cfg.batch_size, seed=self.cfg.seed)
         self.step = 0
         self.train_seconds = 0.0
@@ -378,7 +451,7 @@ class DistillTrainer:
     @property
     def _student_heun(self) -> bool:
         """Whether the objective's student is a denoiser sampled like the teacher (EDM training), not a generator."""
-        return getattr(self.objective, "student_sampler", "one_step") == "heun"
+        return self.objective.student_sampler == "heun"
 
     def _heun(self, model: nn.Module, denoise, z: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """``teacher_sample_steps`` Heun steps over ``model``'s Karras grid (Karras et al. 2022, Alg. 1)."""

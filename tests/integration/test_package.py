@@ -155,3 +155,19 @@ def test_no_test_asserts_wall_clock_time():
     pattern = re.compile(r"assert[^\n]*(time\.time\(\)|perf_counter\(\)|monotonic\(\))")
     offenders = [str(p) for p in (REPO / "tests").rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == [], offenders
+
+
+def test_the_default_demo_runs_with_the_network_blocked(tmp_path):
+    """The README's default job (the packaged teacher, Fashion-MNIST from the Debian package), a few iterations, in a
+    process whose sockets refuse anything off the machine (tests/_netblock): nothing is downloaded."""
+    from diffdistill.data.fashion_mnist import FashionMNIST
+
+    try:
+        FashionMNIST(limit=8)
+    except FileNotFoundError:
+        pytest.skip("the Fashion-MNIST files (Debian package dataset-fashion-mnist) are not installed")
+    assert "_netblock" in os.environ["PYTHONPATH"]
+    res = _train("trainer.max_steps=3", "trainer.sample_every=3", "trainer.num_grid_samples=4", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (run,) = (tmp_path / "runs" / "fashion_mnist_dmd").iterdir()
+    assert (run / "checkpoints" / "LATEST").exists() and list((run / "samples").glob("step*.png"))
