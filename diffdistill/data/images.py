@@ -108,13 +108,17 @@ class InfiniteBatcher:
             self._perm = torch.randperm(len(self.dataset), generator=g)
         return self._perm
 
-    def next(self) -> Batch:
+    def next_indices(self) -> Tensor:
+        """The dataset indices of the next batch (every process draws the same ones and takes its slice)."""
         n = len(self.dataset)
         if self.offset + self.batch_size > n:
             self.epoch, self.offset, self._perm = self.epoch + 1, 0, None
         idx = self._permutation()[self.offset : self.offset + self.batch_size]
         self.offset += self.batch_size
-        return self.dataset.get(idx)
+        return idx
+
+    def next(self) -> Batch:
+        return self.dataset.get(self.next_indices())
 
     def __iter__(self):
         while True:

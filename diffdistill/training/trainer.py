@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +24,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffdistill.data.images import InfiniteBatcher
-from diffdistill.models.conditioning import Conditioning
+from diffdistill.models.conditioning import Batch, Conditioning
 from diffdistill.objectives.base import Objective
 from diffdistill.sampling import heun_sample
 from diffdistill.schedules.karras import karras_sigmas
-from diffdistill.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
+from diffdistill.training.checkpoint import (
+    clean_temporary,
+    load_checkpoint,
+    newest_valid_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from diffdistill.training.distributed import (
+    all_true,
+    any_true,
+    average_gradients,
+    broadcast_parameters,
+    mean_scalars,
+    micro_seed,
+)
 from diffdistill.training.ema import EMA
 from diffdistill.training.logging import LoggerConfig, MetricWindow, TrackerLogger, build_trackers
 from diffdistill.training.optim import OptimizerSpec
@@ -47,12 +66,15 @@ class TrainerConfig:
         max_time_s: also stop once this many seconds were spent in training iterations (0 = no limit;
             sampling, evaluation and checkpointing are not counted; the count survives a resume). A fixed
             compute budget for comparing objectives.
-        batch_size: samples per iteration.
+        batch_size: samples per micro-batch on each process; an update sees ``batch_size x
+            gradient_accumulation_steps x processes`` samples (each micro-batch with its own noise).
+        gradient_accumulation_steps: micro-batches whose gradients are summed before each update.
         grad_clip: max gradient norm per role (DMD2: 10); ``0`` disables clipping.
         ema_decays: generator EMA tracks kept beside the online weights.
         ema_warmup_steps: during the first updates each track uses ``min(decay, (1 + n) / (10 + n))``, so the random
             initial weights of a network trained from scratch wash out (the EDM teacher recipe: 100).
-        mixed_precision: accelerate's ``no`` / ``bf16`` / ``fp16``; on CPU always ``no`` (fp32).
+        mixed_precision: accelerate's ``no`` / ``bf16`` / ``fp16``; ``null`` = what the launcher or ``accelerate
+            config`` sets (else ``no``); on CPU always ``no`` (fp32).
         device: ``cpu``, ``cuda`` or ``auto``.
         log_every, sample_every, checkpoint_every, eval_every: intervals in iterations (0 = never).
         keep_checkpoints: how many step checkpoints to keep (0 = all).
@@ -69,10 +91,11 @@ class TrainerConfig:
     max_steps: int = 1000
     max_time_s: float = 0.0
     batch_size: int = 32
+    gradient_accumulation_steps: int = 1
     grad_clip: float = 10.0
     ema_decays: list[float] = field(default_factory=lambda: [0.999])
     ema_warmup_steps: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
     device: str = "auto"
     log_every: int = 10
     sample_every: int = 100
@@ -95,6 +118,12 @@ class TrainerConfig:
         check_types(self, "trainer")
         require(self.max_steps >= 1, "trainer.max_steps", "must be >= 1", self.max_steps)
         require(self.batch_size >= 1, "trainer.batch_size", "must be >= 1", self.batch_size)
+        require(
+            self.gradient_accumulation_steps >= 1,
+            "trainer.gradient_accumulation_steps",
+            "must be >= 1",
+            self.gradient_accumulation_steps,
+        )
         for key in (
             "max_time_s",
             "ema_warmup_steps",
@@ -120,9 +149,9 @@ class TrainerConfig:
         for d in self.ema_decays:
             require(isinstance(d, (int, float)) and 0.0 <= d < 1.0, "trainer.ema_decays", "must lie in [0, 1)", d)
         require(
-            self.mixed_precision in ("no", "bf16", "fp16"),
+            self.mixed_precision in (None, "no", "bf16", "fp16"),
             "trainer.mixed_precision",
-            "must be no, bf16 or fp16",
+            "must be null, no, bf16 or fp16",
             self.mixed_precision,
         )
         dev = self.device
@@ -201,12 +230,13 @@ class DistillTrainer:
             raise ValueError(f"objective '{objective.name}' needs roles {missing}, which were not built")
         if objective.requires_real_data and getattr(dataset, "sample_shape", None) is None:
             raise ValueError(f"objective '{objective.name}' needs real data, but the dataset provides none")
-        check_data_matches(dataset, roles["generator"], teacher, self.cfg.batch_size)
         device = self.cfg.device
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-        mp = self.cfg.mixed_precision
-        if cpu and mp != "no":
+        mp = self.cfg.mixed_precision  # None: accelerate reads the launcher's / `accelerate config`'s choice
+        if cpu and mp not in (None, "no"):
             log.warning("mixed_precision=%s requested on CPU: training in fp32 instead (no bf16 units assumed)", mp)
+            mp = "no"
+        if cpu and mp is None and os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
             mp = "no"
         self.logger_config = logger if logger is not None else LoggerConfig()
         trackers = build_trackers(self.logger_config, self.run_dir)  # fails here on an unusable tracker
@@ -214,6 +244,8 @@ class DistillTrainer:
             cpu=cpu, mixed_precision=mp, log_with=trackers or None, project_dir=str(self.run_dir)
         )
         self.device = self.accelerator.device
+        self.world_size, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
         self.teacher.to(self.device)
         self.generator_roles = tuple(objective.generator_roles)
         self.critic_roles = tuple(r for r in objective.roles if r not in self.generator_roles)
@@ -230,8 +262,10 @@ class DistillTrainer:
             if self.cfg.channels_last and module.sample_shape is not None and len(module.sample_shape) == 3:
                 module.to(memory_format=torch.channels_last)
             opt, sched = optim.build(name, module)
-            module, opt = self.accelerator.prepare(module, opt)
-            self.optimizers[name], self.schedulers[name] = opt, sched
+            # only the optimiser goes through accelerate (loss scaling); gradients are averaged by the trainer
+            # itself across processes (diffdistill/training/distributed.py), so roles stay plain modules
+            self.optimizers[name], self.schedulers[name] = self.accelerator.prepare(opt), sched
+        broadcast_parameters([roles[n] for n in (*objective.roles, *objective.frozen_roles)])
         if self.cfg.compile:
             for name in objective.roles:
                 den = getattr(roles[name], "denoiser", None)
@@ -239,10 +273,16 @@ class DistillTrainer:
                     roles[name].denoiser = torch.compile(den)
         gen = roles["generator"]
         self.emas = {float(d): EMA(gen, float(d), warmup_steps=self.cfg.ema_warmup_steps) for d in self.cfg.ema_decays}
-        self.batcher = InfiniteBatcher(dataset, self.cfg.batch_size, seed=self.cfg.seed)
+        # one global batch per iteration, the same on every process; micro-batch v takes slice v of it
+        self.accumulation = self.cfg.gradient_accumulation_steps
+        self.global_batch = self.cfg.batch_size * self.accumulation * self.world_size
+        check_data_matches(dataset, roles["generator"], teacher, self.global_batch)
+        self.batcher = InfiniteBatcher(dataset, self.global_batch, seed=self.cfg.seed)
         self.step = 0
         self.train_seconds = 0.0
         self.nonfinite = {"skipped": 0, "streak_generator": 0, "streak_critic": 0}
+        self.last_good_checkpoint: Path | None = None
+        self.interrupted: str | None = None  # the signal that stopped fit() early, if any
 
     # ------------------------------------------------------------------------------------------
     # state
@@ -328,14 +368,24 @@ class DistillTrainer:
         return self.run_dir / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """``checkpoints/step<N>/`` (model folders + trainer state, atomic), then rotate old ones out."""
-        path = save_checkpoint(
-            self.ckpt_dir / f"step{self.step:07d}", self._model_folders(), self.state_dict(), self.run_config
-        )
-        if self.cfg.keep_checkpoints > 0:
-            steps = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
-            for old in steps[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+        """``checkpoints/step<N>/`` (model folders + trainer state, atomic), written by the main process while the
+        others wait; then old ones rotate out, except while updates are being skipped as non-finite: a
+        checkpoint taken during such a streak never pushes the last one from before it out."""
+        path = self.ckpt_dir / f"step{self.step:07d}"
+        streak = self.nonfinite["streak_generator"] + self.nonfinite["streak_critic"]
+        if self.is_main:
+            save_checkpoint(path, self._model_folders(), self.state_dict(), self.run_config)
+            if streak == 0:
+                self.last_good_checkpoint = path
+                if self.cfg.keep_checkpoints > 0:
+                    steps = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
+                    for old in steps[: -self.cfg.keep_checkpoints]:
+                        shutil.rmtree(old, ignore_errors=True)
+            else:
+                log.warning(
+                    "checkpoint %s written during a streak of %d skipped updates: older ones kept", path, streak
+                )
+        self.accelerator.wait_for_everyone()
         return path
 
     def _resume_path(self) -> Path | None:
@@ -351,7 +401,19 @@ class DistillTrainer:
                 )
             return None
         if r == "auto":
-            return latest
+            if latest is None:
+                return None
+            found, rejected = newest_valid_checkpoint(self.ckpt_dir)
+            for bad, why in rejected:
+                log.warning("not resuming from %s: %s", bad, why)
+            if found is None:
+                raise ValueError(
+                    f"run folder '{self.run_dir}' holds checkpoints but none of them verifies ({rejected[0][1]}); "
+                    "refusing to start afresh over it: choose another run_dir or remove the checkpoints"
+                )
+            if rejected:
+                log.warning("resuming from %s, the newest checkpoint that verifies", found)
+            return found
         if not Path(r).exists():
             raise FileNotFoundError(f"trainer.resume: checkpoint '{r}' does not exist")
         return resolve_checkpoint(r)
@@ -364,16 +426,44 @@ class DistillTrainer:
             for p in self._trainable[r]:
                 p.requires_grad_(r in names)
 
-    def _update(self, names: tuple[str, ...], out, kind: str) -> dict[str, float]:
-        loss = out.loss.mean()
-        logs = {f"{kind}_loss": float(loss.detach()), **out.logs}
+    def _micro_batches(self) -> list[tuple[int, Batch]]:
+        """This process's micro-batches of the iteration, each with its virtual rank ``v`` (its slice of the
+        global batch and its seeds; see diffdistill/training/distributed.py)."""
+        idx = self.batcher.next_indices()
+        b = self.cfg.batch_size
+        out = []
+        for k in range(self.accumulation):
+            v = self.rank * self.accumulation + k
+            out.append((v, self.dataset.get(idx[v * b : (v + 1) * b]).to(self.device)))
+        return out
+
+    def _update(self, names: tuple[str, ...], kind: str, loss_fn, micro: list[tuple[int, Batch]]) -> dict | None:
+        """One optimiser step of ``names``: the loss of every micro-batch, each seeded by its virtual rank,
+        backpropagated with weight 1 / accumulation; gradients averaged across processes; clipped; stepped.
+        Returns the logged scalars, or ``None`` when the objective has no such update this iteration."""
         for n in names:
             self.optimizers[n].zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        sums: dict[str, float] = {}
+        finite = True
+        for v, batch in micro:
+            torch.manual_seed(micro_seed(self.cfg.seed, self.step, kind, v))
+            out = loss_fn(batch)
+            if out is None:
+                return None
+            loss = out.loss.mean()
+            for key, value in {f"{kind}_loss": float(loss.detach()), **out.logs}.items():
+                sums[key] = sums.get(key, 0.0) + float(value) / len(micro)
+            if not torch.isfinite(loss):
+                finite = False
+                continue
+            self.accelerator.backward(loss / len(micro))
+        logs = mean_scalars(sums, self.device)
+        if not all_true(finite, self.device):
             return self._skip(names, kind, f"non-finite {kind} loss", logs)
-        self.accelerator.backward(loss)
         for n in names:
-            params = [p for p in self.roles[n].parameters() if p.grad is not None]
+            average_gradients(self._trainable[n])
+        for n in names:
+            params = [p for p in self._trainable[n] if p.grad is not None]
             if self.cfg.grad_clip > 0:
                 gnorm = self.accelerator.clip_grad_norm_(params, self.cfg.grad_clip)
             else:
@@ -404,30 +494,34 @@ class DistillTrainer:
             self.nonfinite["skipped"],
         )
         if streak >= self.cfg.max_nonfinite_streak:
+            good = self.last_good_checkpoint
+            where = (
+                f"the last checkpoint from before the streak is {good} (resume from it with trainer.resume={good})"
+                if good is not None and Path(good).exists()
+                else "no checkpoint was written before the streak"
+            )
             raise NonFiniteError(
                 f"{streak} consecutive non-finite {kind} updates at step {self.step} ({why}); the run is "
-                "diverging. Lower the learning rate or check the teacher; the last good checkpoint is in "
-                f"{self.ckpt_dir}"
+                f"diverging. Lower the learning rate or check the teacher and the data; {where}"
             )
         return {**logs, "skipped": 1.0}
 
     def train_step(self) -> dict[str, float]:
-        batch = self.batcher.next().to(self.device)
+        """One iteration: the generator update (on schedule), then the critic update, on the same batches."""
+        micro = self._micro_batches()
         logs: dict[str, float] = {}
-        sched = self.objective.update_schedule
-        if sched.is_generator_step(self.step):
+        obj = self.objective
+        if obj.update_schedule.is_generator_step(self.step):
             self._set_trainable(self.generator_roles)
-            logs.update(
-                self._update(self.generator_roles, self.objective.generator_loss(batch, self.step), "generator")
-            )
+            out = self._update(self.generator_roles, "generator", lambda b: obj.generator_loss(b, self.step), micro)
+            logs.update(out or {})
             for ema in self.emas.values():
                 ema.update(self.accelerator.unwrap_model(self.roles["generator"]))
         if self.critic_roles:
             self._set_trainable(self.critic_roles)
-            out = self.objective.critic_loss(batch, self.step)
-            if out is not None:
-                logs.update(self._update(self.critic_roles, out, "critic"))
-        self.objective.on_step_end(self.step)
+            out = self._update(self.critic_roles, "critic", lambda b: obj.critic_loss(b, self.step), micro)
+            logs.update(out or {})
+        obj.on_step_end(self.step)
         self.step += 1
         return logs
 
@@ -530,9 +624,13 @@ class DistillTrainer:
 
         Each ``train`` record holds every scalar averaged over the iterations since the previous record (each
         key over the iterations that produced it), plus ``generator_updates``, ``critic_updates`` and
-        ``skipped`` counted over that window.
+        ``skipped`` counted over that window. SIGTERM or SIGINT finishes the current iteration, writes a
+        checkpoint and returns (``self.interrupted`` is then the signal's name); ``trainer.resume=auto`` continues.
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main and self.ckpt_dir.exists():
+            clean_temporary(self.ckpt_dir)
+        self.accelerator.wait_for_everyone()
         resume = self._resume_path()
         if resume is None:
             seed_everything(self.cfg.seed)
@@ -541,6 +639,7 @@ class DistillTrainer:
         try:
             if resume is not None:
                 self.load_state_dict(load_checkpoint(resume))
+                self.last_good_checkpoint = resume
                 logger.truncate_after(self.step)
                 log.info("resumed from %s at step %d", resume, self.step)
             bar = tqdm(
@@ -549,23 +648,27 @@ class DistillTrainer:
                 desc=f"{self.objective.name}",
                 dynamic_ncols=True,
                 mininterval=2,
+                disable=not self.is_main,
             )
             try:
-                last = self._loop(logger, bar)
+                with StopSignals() as signals:
+                    last = self._loop(logger, bar, signals)
             finally:
                 bar.close()
         finally:
             logger.close()
         return last
 
-    def _loop(self, logger: TrackerLogger, bar) -> dict[str, float]:
-        """The iterations of :meth:`fit`, with logging, samples, evaluation and checkpoints on schedule."""
+    def _loop(self, logger: TrackerLogger, bar, signals: StopSignals) -> dict[str, float]:
+        """The iterations of :meth:`fit`, with logging, samples, evaluation and checkpoints on schedule (written by
+        the main process; the others wait at each checkpoint)."""
         t0 = time.time()
         c = self.cfg
         window = MetricWindow(sum_keys=("generator_updates", "critic_updates", "skipped"))
         shown: dict[str, str] = {"generator_loss": "-", "critic_loss": "-"} if self.critic_roles else {}
         last: dict[str, float] = {}
-        while not self._budget_spent():
+        end = self.step >= c.max_steps or (c.max_time_s > 0 and self.train_seconds >= c.max_time_s)
+        while not end:
             skipped = self.nonfinite["skipped"]
             tic = time.perf_counter()
             logs = self.train_step()
@@ -579,8 +682,11 @@ class DistillTrainer:
                 }
             )
             bar.update(1)
-            end = self._budget_spent()
-            if end and self.step < c.max_steps:
+            # every process stops at the same iteration: the step budget, the time budget or a signal on any of them
+            timed_out = c.max_time_s > 0 and self.train_seconds >= c.max_time_s
+            stop = any_true(timed_out or signals.received is not None, self.device)
+            end = self.step >= c.max_steps or stop
+            if timed_out and self.step < c.max_steps:
                 log.info("max_time_s=%g reached at step %d", c.max_time_s, self.step)
             if c.log_every and (self.step % c.log_every == 0 or end):
                 rec = {
@@ -594,20 +700,54 @@ class DistillTrainer:
                 shown.update({k: f"{v:.3g}" for k, v in rec.items() if k.endswith("_loss")})
                 bar.set_postfix(shown, refresh=False)
                 last = rec
-            if c.sample_every and (self.step % c.sample_every == 0 or end):
+            if self.is_main and c.sample_every and (self.step % c.sample_every == 0 or end):
                 stats, image = self._sample_grid()
                 logger.log(self.step, stats, kind="samples")
                 if image is not None:
                     logger.log_images(self.step, {"samples": image})
-            if self.evaluator is not None and c.eval_every and (self.step % c.eval_every == 0 or end):
+            if self.is_main and self.evaluator is not None and c.eval_every and (self.step % c.eval_every == 0 or end):
                 with torch.random.fork_rng():
                     metrics = self.evaluator(self.ema_generator(), self.step)
                 logger.log(self.step, metrics, kind="eval")
             # the end of a run always leaves a checkpoint: its model folders are the run's result
             if (c.checkpoint_every and self.step % c.checkpoint_every == 0) or end:
                 self.save_checkpoint()
+        if signals.received is not None:
+            self.interrupted = signals.received
+            log.warning(
+                "%s received: stopped after step %d with a checkpoint in %s; continue with trainer.resume=auto",
+                signals.received,
+                self.step,
+                self.ckpt_dir,
+            )
         return last
 
-    def _budget_spent(self) -> bool:
-        c = self.cfg
-        return self.step >= c.max_steps or (c.max_time_s > 0 and self.train_seconds >= c.max_time_s)
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT only set :attr:`received` (the loop then checkpoints and returns); a
+    second signal of the same kind stops at once, as usual. Outside the main thread it does nothing."""
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:  # asked twice: give up on the graceful stop
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt(f"{name} received twice")
+        self.received = name
+        log.warning("%s received: finishing this iteration, then writing a checkpoint", name)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                num = getattr(signal, name)
+                self._previous[num] = signal.signal(num, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for num, handler in self._previous.items():
+            signal.signal(num, handler)

@@ -107,9 +107,9 @@ def test_gradients_reach_only_the_updated_roles(name, tmp_path):
     updating: list[tuple[str, ...]] = []
     orig_update, orig_backward = trainer._update, trainer.accelerator.backward
 
-    def update(names, out, kind):
+    def update(names, *args):
         updating.append(tuple(names))
-        return orig_update(names, out, kind)
+        return orig_update(names, *args)
 
     def backward(loss, **kw):
         orig_backward(loss, **kw)
