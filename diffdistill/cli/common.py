@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import sys
 
@@ -22,6 +23,11 @@ def friendly_errors():
         yield
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, CheckpointError) as e:
         print(f"diffdistill: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:  # the disk filled up under the logger or the grid writer, a folder is not writable...
+        why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"diffdistill: error: {why}{where}; the run's checkpoints written so far are intact", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +29,18 @@ def run(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     last = trainer.fit()
+    if trainer.interrupted:
+        print(
+            f"diffdistill: {trainer.interrupted} received: stopped at step {trainer.step} with a checkpoint; "
+            f"continue with: diffdistill-train ... run_dir={run_dir} trainer.resume=auto",
+            file=sys.stderr,
+        )
+        return last
+    if cfg.get("export_pipeline") and trainer.is_main:
+        from diffdistill.export import export
+
+        result = export(run_dir, run_dir / "pipeline", overwrite=True)
+        print(f"diffdistill: {result.pipeline_class} written to {result.path} (load it with from_pretrained)")
     log.info("run finished: %s", run_dir)
     print(f"diffdistill: run folder {run_dir} (samples/, checkpoints/, metrics.jsonl, config.yaml)")
     return last

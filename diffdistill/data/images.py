@@ -138,6 +138,11 @@ def SyntheticImages(
 
     Class ``k`` is a Gaussian blob centred on a position that depends on ``k``, plus pixel noise.
     """
+    for key, value, low in (("num", num, 1), ("resolution", resolution, 2), ("num_classes", num_classes, 1)):
+        if value < low:
+            raise ValueError(f"data.{key} must be >= {low}, got {value}")
+    if channels not in (1, 3):
+        raise ValueError(f"data.channels must be 1 or 3, got {channels}")
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, num_classes, (num,), generator=g)
     yy, xx = torch.meshgrid(torch.arange(resolution), torch.arange(resolution), indexing="ij")

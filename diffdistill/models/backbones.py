@@ -117,7 +117,9 @@ class UNetBackbone(nn.Module):
         model's ``num_class_embeds`` (minus one with ``null_class``)."""
         from diffusers import UNet2DModel
 
-        unet = UNet2DModel.from_pretrained(path, subfolder=subfolder)
+        from diffdistill.models.io import local_or_hub
+
+        unet = UNet2DModel.from_pretrained(local_or_hub(path), subfolder=subfolder)
         embeds = unet.config.num_class_embeds
         if num_classes is None and embeds is not None:
             num_classes = embeds - int(null_class)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -243,3 +244,20 @@ def load_generator(path: str | Path, ema: str | float | None = "auto", map_locat
     if not isinstance(model, Generator):
         raise ValueError(f"'{folder}' holds a {type(model).__name__}, not a generator")
     return model.eval()
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def local_or_hub(path: str | Path) -> str:
+    """``path`` if it exists here; else a hub id (``org/name``) to hand to ``from_pretrained``; a path that looks
+    local (absolute, relative with ``./``, ``~``, several folders, or whose first folder exists here) and is missing
+    is a clear "not found", never a network request."""
+    text = str(path)
+    local = Path(text).expanduser()
+    if local.exists():
+        return str(local)
+    first = text.split("/", 1)[0]
+    if not _HUB_ID.match(text) or text.startswith(("~", ".")) or (first != text and Path(first).is_dir()):
+        raise FileNotFoundError(f"'{text}' does not exist (it is a local path, so no hub download was tried)")
+    return text

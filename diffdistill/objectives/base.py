@@ -52,6 +52,14 @@ class UpdateSchedule:
     critic_steps_per_generator_step: int = 1
     generator_warmup_steps: int = 0
 
+    def __post_init__(self) -> None:
+        if self.critic_steps_per_generator_step < 1:
+            raise ValueError(
+                f"critic_steps_per_generator_step must be >= 1, got {self.critic_steps_per_generator_step}"
+            )
+        if self.generator_warmup_steps < 0:
+            raise ValueError(f"generator_warmup_steps must be >= 0, got {self.generator_warmup_steps}")
+
     def is_generator_step(self, step: int) -> bool:
         if step < self.generator_warmup_steps:
             return False

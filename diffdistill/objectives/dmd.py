@@ -78,6 +78,12 @@ class DMD(Objective):
         generator_warmup_steps: int = 0,
         normalize: bool = True,
     ):
+        if fake_weighting not in ("edm", "none"):
+            raise ValueError(f"unknown fake_weighting '{fake_weighting}' (use 'edm' or 'none')")
+        if not 0.0 <= min_step_percent <= max_step_percent <= 1.0:
+            raise ValueError(
+                f"need 0 <= min_step_percent <= max_step_percent <= 1, got {min_step_percent}, {max_step_percent}"
+            )
         self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
         self.sigmas, self.k_min, self.k_max = dm_timestep_grid(schedule, teacher, min_step_percent, max_step_percent)
         self.real_guidance_scale = real_guidance_scale

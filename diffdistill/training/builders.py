@@ -27,19 +27,107 @@ class Experiment:
     objective_cls: type[Objective]
 
 
-def _instantiate(node: DictConfig, what: str, **kwargs):
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _target_callable(node: DictConfig):
+    from hydra._internal.utils import _locate
+
+    try:
+        return _locate(str(node.get("_target_")))
+    except Exception:  # noqa: BLE001 - a bad _target_ is reported by instantiate itself
+        return None
+
+
+def _check_node_types(node: DictConfig, group: str) -> None:
+    """Each top-level value of ``node`` has the type that its ``_target_``'s signature annotates."""
+    import typing
+
+    from diffdistill.utils.validate import check_value
+
+    target = _target_callable(node)
+    try:
+        hints = typing.get_type_hints(target) if target is not None else {}
+    except Exception:  # noqa: BLE001 - annotations that do not resolve: nothing to check against
+        return
+    if isinstance(target, type):
+        try:
+            hints = typing.get_type_hints(target.__init__)
+        except Exception:  # noqa: BLE001
+            return
+    for k, v in node.items():
+        nested = OmegaConf.is_dict(v) and "_target_" in v
+        if not str(k).startswith("_") and k in hints and not nested:
+            check_value(f"{group}.{k}", OmegaConf.to_container(v) if OmegaConf.is_config(v) else v, hints[k])
+
+
+def _culprit_key(node: DictConfig, kwargs: dict) -> str | None:
+    """The one value of ``node`` whose reset to the ``_target_``'s default lets it build (to name it in errors)."""
+    target = _target_callable(node)
+    try:
+        params = inspect.signature(target).parameters if target is not None else {}
+    except (TypeError, ValueError):
+        return None
+    for k in node:
+        p = params.get(k)
+        if p is None or p.default is inspect.Parameter.empty or OmegaConf.is_config(node[k]) or node[k] == p.default:
+            continue
+        trial = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+        trial[k] = p.default
+        try:
+            instantiate(trial, **kwargs)
+        except Exception:  # noqa: BLE001 - still failing: not this key
+            continue
+        return k
+    return None
+
+
+def _instantiate(node: DictConfig, what: str, group: str | None = None, **kwargs):
+    """Hydra's instantiate, with a failure reported as one line naming the key to fix (``group.key`` when the
+    values' types or one value is to blame, else the group)."""
+    if group is not None and OmegaConf.is_dict(node):
+        _check_node_types(node, group)
     try:
         return instantiate(node, **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__ or e
-        if isinstance(cause, (FileNotFoundError, ValueError)):
+    except Exception as e:  # noqa: BLE001 - hydra wraps the builder's own error; a malformed node fails here too
+        cause = (e.__cause__ or e) if isinstance(e, InstantiationException) else e
+        if isinstance(cause, FileNotFoundError):
             raise cause from None
-        raise ValueError(f"could not build the {what} from its config: {cause}") from None
+        key = _culprit_key(node, kwargs) if group is not None and OmegaConf.is_dict(node) else None
+        where = f"{group}.{key}={node[key]!r}: " if key is not None else ""
+        if isinstance(cause, ValueError):
+            raise ValueError(f"{where}{_one_line(cause)}") from None
+        raise ValueError(f"{where}could not build the {what} from its config: {_one_line(cause)}") from None
+
+
+def check_student(student: DictConfig) -> None:
+    """The ``student`` block of the run config: types and ranges, each failure naming its key."""
+    den = student.get("denoiser")
+    if den is not None and not (isinstance(den, DictConfig) and "_target_" in den):
+        raise ValueError(f"student.denoiser must be null (a copy of the teacher) or a _target_ config, got {den!r}")
+    s = student.get("sigma_init")
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
+        raise ValueError(f"student.sigma_init must be a number > 0, got {s!r}")
+    sig = student.get("sampling_sigmas")
+    if sig is not None:
+        ok = OmegaConf.is_list(sig) and len(sig) > 0
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in sig)
+        if not ok:
+            raise ValueError(f"student.sampling_sigmas must be null or a non-empty list of sigmas > 0, got {sig!r}")
+    lora = student.get("lora")
+    if lora is not None:
+        known = {"rank", "alpha", "target_modules", "dropout", "share_base"}
+        if not isinstance(lora, DictConfig) or set(lora) - known:
+            raise ValueError(f"student.lora must be null or a mapping with keys {sorted(known)}, got {lora!r}")
+        rank = lora.get("rank", 8)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"student.lora.rank must be an integer >= 1, got {rank!r}")
 
 
 def build_teacher(backbone: DictConfig, dataset) -> Teacher:
     """``backbone`` builds a :class:`Teacher` (or a partial that takes ``dataset``, for analytic teachers)."""
-    teacher = _instantiate(backbone, "teacher (backbone group)")
+    teacher = _instantiate(backbone, "teacher (backbone group)", "backbone")
     if isinstance(teacher, functools.partial):
         teacher = teacher(dataset=dataset)
     if not isinstance(teacher, Teacher):
@@ -110,8 +198,9 @@ def build_roles(
     (:meth:`Objective.prepare_student`, given the objective's hyperparameters ``hparams``). Other roles are built
     afterwards, so DMD's fake score copies the *base* network and CD/LCM's target copies the prepared student.
     """
+    check_student(student)
     roles: dict[str, nn.Module] = {}
-    den = _instantiate(student.denoiser, "student denoiser") if student.get("denoiser") else None
+    den = _instantiate(student.denoiser, "student network (student.denoiser)") if student.get("denoiser") else None
     sampling = list(student.sampling_sigmas) if student.get("sampling_sigmas") else None
     if student.get("lora"):
         roles["generator"] = Generator(_lora_student(teacher, student, den), student.sigma_init, sampling)
@@ -135,6 +224,36 @@ def build_roles(
     return roles
 
 
+def check_objective_config(objective_cls: type[Objective], hparams: dict[str, Any]) -> None:
+    """Each hyperparameter has the type its constructor annotates (``objective.<key> must be ...``)."""
+    import typing
+
+    from diffdistill.utils.validate import check_value
+
+    try:
+        hints = typing.get_type_hints(objective_cls.__init__)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: nothing to check against
+        return
+    for k, v in hparams.items():
+        if k in hints:
+            check_value(f"objective.{k}", v, hints[k])
+
+
+def _culprit(objective_cls: type[Objective], kwargs: dict[str, Any]) -> str | None:
+    """The one hyperparameter whose reset to its default lets the constructor succeed (to name it in the error)."""
+    params = inspect.signature(objective_cls.__init__).parameters
+    for k, v in kwargs.items():
+        default = params[k].default if k in params else inspect.Parameter.empty
+        if default is inspect.Parameter.empty or v == default:
+            continue
+        try:
+            objective_cls(**{**kwargs, k: default})
+        except Exception:  # noqa: BLE001 - still failing: not this key
+            continue
+        return k
+    return None
+
+
 def make_objective(
     node: DictConfig, objective_cls: type[Objective], teacher: Teacher, roles: dict[str, nn.Module], schedule=None
 ) -> Objective:
@@ -146,8 +265,11 @@ def make_objective(
         kw["schedule"] = schedule
     try:
         return factory(**kw)
-    except TypeError as e:
-        raise ValueError(f"objective '{objective_cls.name}': {e}") from None
+    except Exception as e:  # noqa: BLE001 - a constructor's own check, or a value it could not use
+        given = dict(factory.keywords or {})
+        key = _culprit(objective_cls, {**given, **kw}) if not isinstance(e, TypeError) else None
+        where = f"objective.{key}={given[key]!r}" if key in given else f"objective '{objective_cls.name}'"
+        raise ValueError(f"{where}: {_one_line(e)}") from None
 
 
 def build_experiment(cfg: DictConfig, with_objective: bool = True) -> Experiment:
@@ -156,15 +278,17 @@ def build_experiment(cfg: DictConfig, with_objective: bool = True) -> Experiment
     Seeds every RNG with ``trainer.seed`` first, so randomly initialised modules are reproducible.
     """
     from diffdistill.training.checkpoint import seed_everything
+    from diffdistill.utils.validate import check_value
 
-    seed_everything(int(cfg.get("trainer", {}).get("seed", 0)))
-    dataset = _instantiate(cfg.data, "dataset (data group)")
+    seed_everything(check_value("trainer.seed", cfg.get("trainer", {}).get("seed", 0), int))
+    dataset = _instantiate(cfg.data, "dataset (data group)", "data")
     teacher = build_teacher(cfg.backbone, dataset)
     objective_cls = objective_class(cfg.objective)
     if objective_cls.name not in OBJECTIVES:
         raise ValueError(f"objective {objective_cls.__name__} is not registered")
-    schedule = _instantiate(cfg.schedule, "schedule") if cfg.get("schedule") else None
+    schedule = _instantiate(cfg.schedule, "schedule", "schedule") if cfg.get("schedule") else None
     hparams = OmegaConf.to_container(cfg.objective, resolve=True)
+    check_objective_config(objective_cls, {k: v for k, v in hparams.items() if k[0] != "_"})
     hparams = {k: v for k, v in hparams.items() if k[0] != "_" and not isinstance(v, dict)}
     roles = build_roles(objective_cls, teacher, cfg.student, hparams, schedule)
     obj = make_objective(cfg.objective, objective_cls, teacher, roles, schedule) if with_objective else None
@@ -176,14 +300,14 @@ def build_trainer(cfg: DictConfig, evaluator=None):
     from diffdistill.training.logging import LoggerConfig
     from diffdistill.training.trainer import DistillTrainer, TrainerConfig
 
-    logger = _instantiate(cfg.logger, "logger (logger group)") if cfg.get("logger") else None
+    logger = _instantiate(cfg.logger, "logger (logger group)", "logger") if cfg.get("logger") else None
     if logger is not None and not isinstance(logger, LoggerConfig):
         raise ValueError("logger group must build a LoggerConfig")
     exp = build_experiment(cfg)
-    tcfg = _instantiate(cfg.trainer, "trainer")
+    tcfg = _instantiate(cfg.trainer, "trainer", "trainer")
     if not isinstance(tcfg, TrainerConfig):
         raise ValueError("trainer group must build a TrainerConfig")
-    optim = _instantiate(cfg.optim, "optimizer (optim group)")
+    optim = _instantiate(cfg.optim, "optimizer (optim group)", "optim")
     roles = dict(exp.roles)
     return DistillTrainer(
         exp.objective,
@@ -205,6 +329,6 @@ def build_evaluator(cfg: DictConfig):
         return None
     ev = _instantiate(cfg.eval, "evaluator (eval group)")
     if isinstance(ev, functools.partial):
-        exp_data = _instantiate(cfg.data, "dataset (data group)")
+        exp_data = _instantiate(cfg.data, "dataset (data group)", "data")
         ev = ev(reference=exp_data)
     return ev if callable(ev) and not isinstance(ev, dict) else None

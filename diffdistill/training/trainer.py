@@ -184,7 +184,10 @@ def check_data_matches(dataset, generator: nn.Module, teacher: nn.Module, batch_
             "index past its class embedding (check data.num_classes)"
         )
     if hasattr(dataset, "__len__") and len(dataset) < batch_size:
-        raise ValueError(f"trainer.batch_size={batch_size} exceeds the dataset's {len(dataset)} samples")
+        raise ValueError(
+            f"a global batch of {batch_size} (trainer.batch_size x gradient_accumulation_steps x processes) exceeds "
+            f"the {len(dataset)} samples of the dataset (data group)"
+        )
 
 
 class DistillTrainer:
@@ -244,6 +247,13 @@ class DistillTrainer:
             cpu=cpu, mixed_precision=mp, log_with=trackers or None, project_dir=str(self.run_dir)
         )
         self.device = self.accelerator.device
+        kind = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise ValueError(
+                f"accelerate is configured for {kind}, which diffdistill does not support yet: every process holds "
+                "each role whole and the trainer averages gradients itself (use a MULTI_GPU config, see "
+                "docs/multi_node.md)"
+            )
         self.world_size, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
         self.teacher.to(self.device)

@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import diffdistill
 from diffdistill.utils.paths import ASSETS, CONFIG_DIR, PACKAGE
@@ -76,7 +77,7 @@ def test_wheel_holds_every_config_and_the_packaged_teacher(wheel):
     assert assets <= names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry).decode()
-    for cmd in ("diffdistill-train", "diffdistill-eval", "diffdistill-teacher"):
+    for cmd in ("diffdistill-train", "diffdistill-eval", "diffdistill-teacher", "diffdistill-export"):
         assert cmd in scripts
 
 
@@ -103,7 +104,12 @@ def test_console_scripts_run_from_an_empty_folder_against_the_wheel(wheel, tmp_p
     assert (run / "checkpoints" / "LATEST").exists() and (run / "metrics.jsonl").exists()
     res = _from_unpacked(wheel, tmp_path, "diffdistill.cli.train", "--cfg", "job", "objective=cd")
     assert res.returncode == 0 and "ConsistencyDistillation" in res.stdout, res.stderr[-2000:]
-    for module in ("diffdistill.cli.train", "diffdistill.cli.evaluate", "diffdistill.cli.teacher"):
+    for module in (
+        "diffdistill.cli.train",
+        "diffdistill.cli.evaluate",
+        "diffdistill.cli.teacher",
+        "diffdistill.cli.export",
+    ):
         res = _from_unpacked(wheel, tmp_path, module, "--help")
         assert res.returncode == 0 and "Powered by Hydra" in res.stdout, (module, res.stderr[-2000:])
 
@@ -171,3 +177,9 @@ def test_the_default_demo_runs_with_the_network_blocked(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     (run,) = (tmp_path / "runs" / "fashion_mnist_dmd").iterdir()
     assert (run / "checkpoints" / "LATEST").exists() and list((run / "samples").glob("step*.png"))
+    # it ends with the student exported as a diffusers pipeline, which loads and samples (the README's lines)
+    from diffdistill.export import DiffDistillPipeline
+
+    pipe = DiffDistillPipeline.from_pretrained(run / "pipeline")
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (2, 1, 32, 32) and torch.isfinite(images).all()

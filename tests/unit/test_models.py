@@ -134,3 +134,15 @@ def test_model_folder_round_trip_and_errors(tmp_path):
         load_model(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="packaged teachers"):
         Teacher.from_pretrained(tmp_path / "nope")
+
+
+def test_a_mistyped_local_path_is_never_taken_for_a_hub_id(tmp_path, monkeypatch):
+    from diffdistill.models.io import local_or_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for missing in ("runs/teachr", "./teacher", "/no/such/folder", "~/nope", "a/b/c", "runs/x/model"):
+        with pytest.raises(FileNotFoundError, match="no hub download was tried"):
+            local_or_hub(missing)
+    assert local_or_hub("google/ddpm-cifar10-32") == "google/ddpm-cifar10-32"  # a hub id stays one
+    assert local_or_hub("runs") == "runs"  # an existing folder is used as it is

@@ -15,7 +15,10 @@ def test_connections_off_the_machine_fail_in_tests():
 
 
 def test_subprocesses_are_blocked_too():
-    code = "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 80), timeout=1)\nexcept OSError as e:\n    print(e)"
+    code = (
+        "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 80), timeout=1)\n"
+        "except OSError as e:\n    print(e)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "network access attempted" in out
 

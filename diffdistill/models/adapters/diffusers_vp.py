@@ -66,6 +66,9 @@ class DiffusersVPDenoiser(Denoiser):
         """
         from diffusers import DDPMScheduler, UNet2DModel
 
+        from diffdistill.models.io import local_or_hub
+
+        path = local_or_hub(path)
         try:
             unet = UNet2DModel.from_pretrained(str(path), subfolder=unet_subfolder, **kw)
             sched = DDPMScheduler.from_pretrained(str(path), subfolder=scheduler_subfolder)

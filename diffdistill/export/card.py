@@ -1,0 +1,239 @@
+"""The model card (``README.md`` with hub YAML front matter) of an exported pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# evaluation-row keys that are bookkeeping, not metrics
+_ROW_META = {"step", "ema", "sampler_steps", "checkpoint", "kind", "seconds", "mode_masses", "label"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class CardInfo:
+    """What the card says: where the pipeline is, how it samples, and what the source recorded."""
+
+    location: str
+    pipeline_class: str
+    reason: str
+    sampling_sigmas: list[float]
+    sigma_init: float
+    gamma: float | None = None
+    guidance: dict[str, float] | None = None
+    guidance_embedded: bool = False
+    num_classes: int | None = None
+    sample_shape: list[int] = field(default_factory=list)
+    stock_calls: dict[str, dict[str, Any]] | None = None
+    lora: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    evals: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    schedule_rho: float | None = None
+    num_train_timesteps: int | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.sample_shape) == 3
+
+
+def base_model(teacher: Any) -> str | None:
+    """The teacher as a hub ``base_model`` when it is a hub repository id (not a local path or a class name)."""
+    if not isinstance(teacher, str) or not _HUB_ID.match(teacher) or os.path.exists(teacher):
+        return None
+    return teacher
+
+
+def _front_matter(info: CardInfo) -> str:
+    meta = info.metadata
+    tags = ["diffdistill", "distillation"]
+    if meta.get("objective"):
+        tags.append(str(meta["objective"]))
+    tags.append("one-step")
+    if len(info.sampling_sigmas) > 1:
+        tags.append("few-step")
+    if info.num_classes is not None:
+        tags.append("class-conditional")
+    if info.lora == "adapters":
+        tags.append("lora")
+    lines = ["---", "library_name: diffusers"]
+    if info.is_image:
+        lines.append("pipeline_tag: unconditional-image-generation")
+    lines.append("tags:")
+    lines += [f"- {t}" for t in tags]
+    bm = base_model(meta.get("teacher"))
+    if bm:
+        lines.append(f"base_model: {bm}")
+    lines.append("---")
+    return "\n".join(lines)
+
+
+def _kwargs(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in d.items())
+
+
+def snippet(info: CardInfo) -> str:
+    """The Python that loads the pipeline and samples it (one step, then the recipe)."""
+    loc = info.location
+    n = 4
+    labels = "" if info.num_classes is None else f"class_labels={[i % info.num_classes for i in range(n)]}, "
+    out = "" if info.is_image else ', output_type="pt"'
+    lines = ["import torch"]
+    if info.pipeline_class == "ConsistencyModelPipeline":
+        lines += ["from diffusers import ConsistencyModelPipeline", ""]
+        lines.append(f"pipe = ConsistencyModelPipeline.from_pretrained({json.dumps(loc)})")
+        if info.lora == "adapters":
+            lines.insert(2, "from peft import PeftModel")
+            adapter = f'PeftModel.from_pretrained(pipe.unet, {json.dumps(loc)}, subfolder="lora")'
+            lines.append(f"pipe.unet = {adapter}.merge_and_unload()")
+        calls = info.stock_calls or {"one": {"num_inference_steps": 1}, "all": {"num_inference_steps": 1}}
+        lines.append(
+            f"images = pipe(batch_size={n}, {labels}{_kwargs(calls['one'])}, "
+            f"generator=torch.Generator().manual_seed(0)).images  # one step"
+        )
+        if len(info.sampling_sigmas) > 1:
+            lines.append(
+                f"images = pipe(batch_size={n}, {labels}{_kwargs(calls['all'])}, "
+                f"generator=torch.Generator().manual_seed(0)).images  # sigmas {info.sampling_sigmas}"
+            )
+    else:
+        lines += ["from diffdistill.export import DiffDistillPipeline", ""]
+        lines.append(f"pipe = DiffDistillPipeline.from_pretrained({json.dumps(loc)})")
+        if info.lora == "adapters":
+            lines.append(f'pipe.load_lora({json.dumps(loc)}, subfolder="lora")')
+        lines.append(
+            f"images = pipe(batch_size={n}, {labels}num_inference_steps=1, "
+            f"generator=torch.Generator().manual_seed(0){out}).images  # one step"
+        )
+        if len(info.sampling_sigmas) > 1:
+            lines.append(
+                f"images = pipe(batch_size={n}, {labels}generator=torch.Generator().manual_seed(0){out}).images"
+                f"  # the recipe: sigmas {info.sampling_sigmas}"
+            )
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if v is None:
+        return "-"
+    return str(v)
+
+
+def _protocol_line(p: dict[str, Any]) -> str:
+    parts = []
+    for k, v in p.items():
+        if isinstance(v, (dict, list)):
+            v = json.dumps(v, default=str)
+            if len(v) > 120:
+                v = v[:117] + "..."
+        parts.append(f"`{k}`: {v}")
+    return "; ".join(parts)
+
+
+def _metrics(info: CardInfo) -> list[str]:
+    lines: list[str] = []
+    step, ema = info.metadata.get("step"), info.metadata.get("ema_decay")
+    for name, doc in info.evals:
+        rows = [r for r in doc.get("results", []) if isinstance(r, dict)]
+        mine = [r for r in rows if r.get("step") == step and _same_ema(r.get("ema"), ema)]
+        shown = (mine or rows)[-20:]
+        cols = []
+        for r in shown:
+            cols += [k for k, v in r.items() if k not in _ROW_META and isinstance(v, (int, float)) and k not in cols]
+        lines += ["", f"**`eval/{name}`**" + (" (rows of this export's step and EMA track)" if mine else "")]
+        if doc.get("protocol"):
+            lines += ["", "Protocol: " + _protocol_line(doc["protocol"])]
+        if shown and cols:
+            head = ["step", "ema", "sampler steps", *cols]
+            lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for r in shown:
+                vals = [r.get("step"), r.get("ema"), r.get("sampler_steps"), *(r.get(c) for c in cols)]
+                lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
+    recorded = info.metadata.get("metrics")
+    if isinstance(recorded, dict) and recorded:
+        lines += ["", "Recorded with the model: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in recorded.items())]
+    return lines
+
+
+def _same_ema(a: Any, b: Any) -> bool:
+    try:
+        return (a is None and b is None) or float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def model_card(info: CardInfo) -> str:
+    """The ``README.md`` of the export folder."""
+    meta = info.metadata
+    paper = meta.get("paper") if isinstance(meta.get("paper"), dict) else {}
+    objective = meta.get("objective") or "unknown"
+    title = f"diffdistill student ({objective})"
+    lines = [_front_matter(info), "", f"# {title}", ""]
+    lines.append(
+        f"A {'one-step' if len(info.sampling_sigmas) == 1 else 'one-step / few-step'} generator distilled with "
+        "diffdistill from a diffusion teacher, exported as a diffusers pipeline."
+    )
+    lines += ["", "## Training", ""]
+    if paper.get("title"):
+        arxiv = paper.get("arxiv")
+        link = f" ([arXiv:{arxiv}](https://arxiv.org/abs/{arxiv}))" if arxiv else ""
+        lines.append(f"- Objective: `{objective}`, *{paper['title']}*{link}")
+    else:
+        lines.append(f"- Objective: `{objective}`")
+    facts = [
+        ("Teacher", meta.get("teacher")),
+        ("Training iterations", meta.get("step")),
+        ("Batch size", meta.get("batch_size")),
+        (
+            "Training time",
+            f"{meta['train_seconds']:.0f} s" if isinstance(meta.get("train_seconds"), (int, float)) else None,
+        ),
+        ("Weights", "EMA, decay " + _fmt(meta["ema_decay"]) if meta.get("ema_decay") is not None else "online"),
+        ("Run", meta.get("run_name")),
+    ]
+    lines += [f"- {k}: {v}" for k, v in facts if v is not None]
+    lines += ["", "## Sampling recipe", ""]
+    lines.append(f"- Pipeline: `{info.pipeline_class}` ({info.reason}).")
+    if info.pipeline_class == "ConsistencyModelPipeline":
+        noise = "the unit latents, then one noise tensor per step"
+    else:
+        noise = "the unit latents, then (only when no class labels are given) random labels, then one noise tensor per "
+        noise += "further step"
+    lines.append(f"- Noise: the pipeline draws from `generator`, in order, {noise}.")
+    lines.append(f"- One step: input noise `sigma_init = {info.sigma_init:g}` times unit Gaussian noise.")
+    if len(info.sampling_sigmas) > 1:
+        kind = f"TCD gamma sampling, gamma = {info.gamma:g}" if info.gamma is not None else "consistency multistep"
+        lines.append(f"- Few steps ({kind}): sigmas `{info.sampling_sigmas}`.")
+    if info.num_train_timesteps is not None and len(info.sampling_sigmas) > 1:
+        lines.append(
+            f"- Scheduler grid: {info.num_train_timesteps} Karras points, rho = {info.schedule_rho:.6g}, chosen so "
+            "that the recipe's sigmas are grid points (the recipe is recorded in `scheduler/scheduler_config.json`, "
+            "`_diffdistill_recipe`)."
+        )
+    if info.guidance_embedded or info.guidance:
+        g = info.guidance or {}
+        lines.append(
+            f"- Guidance-embedded: `guidance_scale` in [{_fmt(g.get('w_min'))}, {_fmt(g.get('w_max'))}], "
+            f"default {_fmt(g.get('w_default'))}."
+        )
+    if info.num_classes is not None:
+        line = f"- Class-conditional: {info.num_classes} classes; labels drawn at random are real classes"
+        if info.pipeline_class == "ConsistencyModelPipeline":  # its random labels come from torch's global RNG
+            line += " (the null class of classifier-free guidance is not exported); pass `class_labels` to reproduce"
+        lines.append(line + ".")
+    if info.lora == "adapters":
+        lines.append(
+            "- LoRA: the pipeline folder holds the *base* network; the distilled student is the base plus the peft "
+            "adapter in `lora/` (applied in the snippet below)."
+        )
+    elif info.lora == "fuse":
+        lines.append("- LoRA: the adapters are merged into the weights (a plain network).")
+    lines += ["", "## Usage", "", "```python", snippet(info), "```"]
+    metric_lines = _metrics(info)
+    if metric_lines:
+        lines += ["", "## Metrics", *metric_lines]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,655 @@
+"""Write a trained student as a diffusers pipeline folder (``diffdistill-export``).
+
+Which pipeline (:func:`choose_pipeline`):
+
+* a boundary-condition consistency student (``ConsistencyDenoiser`` over an ``EDMDenoiser`` whose backbone is a
+  diffusers ``UNet2DModel`` fed ``1000 ln(sigma) / 4``, no guidance embedding, no TCD gamma): the stock
+  ``ConsistencyModelPipeline`` + ``CMStochasticIterativeScheduler``, whose ``c_skip``/``c_out``
+  (``get_scalings_for_boundary_condition``, Song et al. 2023, arXiv:2303.01469 App. C), input scaling
+  ``1/sqrt(sigma^2 + sigma_d^2)`` and timestep ``1000 * 0.25 ln(sigma)`` are this student's, provided its few-step
+  sigma list is a point set of a Karras grid the scheduler builds (:func:`cm_schedule`) and lies far enough above
+  ``sigma_min`` that the scheduler's re-noising (Alg. 1) matches diffdistill's sampler. The exported UNet drops the
+  null-class embedding row, so the stock pipeline's random labels are real classes;
+* anything else (plain EDM students such as DMD's, guidance-embedded students, TCD sampling, MLP backbones):
+  :class:`~diffdistill.export.pipeline.DiffDistillPipeline`.
+
+The folder is written into a temporary folder beside the target, loaded back and compared with diffdistill's own
+sampler, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffdistill.export.card import CardInfo, model_card
+from diffdistill.export.pipeline import DiffDistillGeneratorModel, DiffDistillPipeline, backbone_of
+from diffdistill.models.conditioning import Conditioning
+from diffdistill.models.generator import Generator
+
+log = logging.getLogger("diffdistill")
+
+LORA_FOLDER = "lora"  # <export>/lora: adapter_config.json + adapter_model.safetensors (peft layout)
+META_NAME = "diffdistill.json"
+EXPORT_FORMAT = "diffdistill-export/1"
+VERIFY_ATOL = 1e-3  # built-in round-trip check (data scale [-1, 1]); the tests hold the pipelines to 1e-5
+RENOISE_RTOL = 5e-6  # stock re-noising vs diffdistill's, relative (see choose_pipeline)
+LORA_MODES = ("fuse", "adapters")
+PIPELINES = ("auto", "stock", "diffdistill")
+
+
+# ---------------------------------------------------------------------------------------------- source metadata
+def read_metadata(folder: str | Path) -> dict[str, Any]:
+    """``diffdistill.json`` of a model folder as a dict (``{}`` when absent or unreadable; keys are optional)."""
+    path = Path(folder) / META_NAME
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def run_folder(source: str | Path) -> Path | None:
+    """The training run a source lives in (the folder holding ``checkpoints/``), if any."""
+    p = Path(source).resolve()
+    for q in (p, *p.parents):
+        ckpts = q / "checkpoints"
+        if ckpts.is_dir() and (q == p or ckpts == p or ckpts in p.parents):
+            return q
+    return None
+
+
+def eval_files(source: str | Path) -> list[Path]:
+    """The run's recorded evaluation results, ``<run>/eval/*.json`` (``[]`` outside a run)."""
+    run = run_folder(source)
+    return sorted((run / "eval").glob("*.json")) if run is not None and (run / "eval").is_dir() else []
+
+
+# ---------------------------------------------------------------------------------------------- which pipeline
+@dataclass
+class CMSchedule:
+    """A ``CMStochasticIterativeScheduler`` setting whose sigmas are the recipe's, and the call that uses them."""
+
+    num_train_timesteps: int
+    rho: float
+    timesteps: list[int]  # ``pipe(timesteps=...)``: descending grid indices; [0] = one step
+    sigmas: list[float]
+
+    def call_kwargs(self, steps: int | None = None) -> dict[str, Any]:
+        """``pipe(**kwargs)`` for the first ``steps`` sigmas (default: all)."""
+        n = len(self.sigmas) if steps is None else steps
+        if n == 1:
+            return {"num_inference_steps": 1}
+        return {"num_inference_steps": None, "timesteps": sorted(self.timesteps)[:n][::-1]}
+
+
+def _karras(ramp: float, sigma_min: float, sigma_max: float, rho: float) -> float:
+    """The scheduler's ``_convert_to_karras`` (EDM, Karras et al. 2022, Eq. 5) for one ramp value."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def _ramp(sigma: float, sigma_min: float, sigma_max: float, rho: float) -> float:
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (sigma ** (1 / rho) - hi) / (lo - hi)
+
+
+def _scheduler(n: int, rho: float, sigma_min: float, sigma_max: float, sigma_data: float):
+    from diffusers import CMStochasticIterativeScheduler
+
+    return CMStochasticIterativeScheduler(
+        num_train_timesteps=n,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        sigma_data=sigma_data,
+        rho=rho,
+        clip_denoised=False,  # diffdistill's sampler does not clamp intermediate x0
+    )
+
+
+def _exact(sched, ks: list[int], sigmas: list[float]) -> bool:
+    """Whether the scheduler, asked for grid indices ``ks``, uses exactly ``sigmas`` (float32, as it runs)."""
+    try:
+        sched.set_timesteps(timesteps=sorted(ks, reverse=True))
+    except ValueError:
+        return False
+    want = torch.tensor(sigmas, dtype=torch.float32)
+    got = sched.sigmas[:-1].to(torch.float32)
+    return got.shape == want.shape and bool(torch.equal(got, want))
+
+
+def cm_schedule(sigmas: list[float], sigma_min: float, sigma_data: float = 0.5) -> CMSchedule | None:
+    """A Karras grid (``num_train_timesteps``, ``rho``) holding every sigma of ``sigmas`` exactly, or ``None``.
+
+    ``sigmas[0]`` is the grid's ``sigma_max`` and ``sigma_min`` its last point. Grids with EDM's ``rho = 7`` are
+    searched first; a two-sigma recipe off those grids gets the ``rho`` that makes its second sigma the point
+    nearest to where it lies on the 40-point EDM grid (the scheduler's default size), found by bisection.
+    """
+    sigmas = [float(s) for s in sigmas]
+    smax = sigmas[0]
+    if len(sigmas) == 1:
+        sched = _scheduler(40, 7.0, sigma_min, smax, sigma_data)
+        return CMSchedule(40, 7.0, [0], sigmas) if _exact(sched, [0], sigmas) else None
+    if any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= sigma_min:
+        return None
+    for n in range(2, 1001):
+        ks = [0]
+        for s in sigmas[1:]:
+            r = _ramp(s, sigma_min, smax, 7.0) * (n - 1)
+            if abs(r - round(r)) > 1e-6:
+                break
+            ks.append(round(r))
+        else:
+            if _exact(_scheduler(n, 7.0, sigma_min, smax, sigma_data), ks, sigmas):
+                return CMSchedule(n, 7.0, sorted(ks, reverse=True), sigmas)
+    if len(sigmas) != 2:
+        return None
+    n, s = 40, sigmas[1]
+    k0 = round(_ramp(s, sigma_min, smax, 7.0) * (n - 1))
+    for k in sorted(range(1, n - 1), key=lambda k: abs(k - k0)):
+        rho = _solve_rho(s, sigma_min, smax, k / (n - 1))
+        if rho is not None and _exact(_scheduler(n, rho, sigma_min, smax, sigma_data), [0, k], sigmas):
+            return CMSchedule(n, rho, [k, 0], sigmas)
+    return None
+
+
+def _solve_rho(sigma: float, sigma_min: float, sigma_max: float, ramp: float) -> float | None:
+    """The ``rho`` in ``[1, 1000]`` at which ``sigma`` sits at ``ramp`` of the Karras grid (bisection), if any."""
+    f = lambda rho: _ramp(sigma, sigma_min, sigma_max, rho) - ramp  # noqa: E731
+    lo, hi = 1.0, 1000.0
+    if f(lo) * f(hi) > 0:
+        return None
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(lo) * f(mid) > 0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+@dataclass
+class Plan:
+    kind: str  # "stock" | "diffdistill"
+    reason: str
+    schedule: CMSchedule | None = None
+
+
+def has_guidance_embedding(module: nn.Module) -> bool:
+    return any(getattr(m, "guidance_emb", None) is not None for m in module.modules())
+
+
+def choose_pipeline(generator: Generator, gamma: float | None = None, pipeline: str = "auto") -> Plan:
+    """The stock ``ConsistencyModelPipeline`` where it reproduces the student exactly, else diffdistill's."""
+    from diffdistill.models.backbones import UNetBackbone
+    from diffdistill.models.consistency import ConsistencyDenoiser
+    from diffdistill.models.denoiser import EDMDenoiser
+
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
+    den = generator.denoiser
+    inner = getattr(den, "inner", None)
+    net = getattr(inner, "net", None)
+    why = None
+    if not isinstance(den, ConsistencyDenoiser) or not isinstance(inner, EDMDenoiser):
+        why = (
+            "it is not a boundary-condition consistency model over EDM preconditioning, and the stock "
+            "CMStochasticIterativeScheduler always applies the boundary scalings of Song et al. (2023, App. C)"
+        )
+    elif not isinstance(net, UNetBackbone):
+        why = f"its backbone is a {type(net).__name__}, not a diffusers UNet2DModel"
+    elif has_guidance_embedding(den) or generator.guidance is not None:
+        why = "it is guidance-embedded and the stock pipeline has no guidance-scale input"
+    elif net.c_noise_scale != 1000.0:
+        why = f"its UNet timestep is {net.c_noise_scale:g} ln(sigma)/4, the scheduler's is 1000 ln(sigma)/4"
+    elif gamma is not None:
+        why = f"its recipe samples with TCD gamma = {gamma:g}, the stock scheduler with consistency multistep only"
+    elif generator.sampling_sigmas[0] != generator.sigma_init:
+        why = "its first sampling sigma differs from sigma_init (the scheduler starts every call at sigma_max)"
+    schedule = None
+    if why is None:
+        # Alg. 1 of Song et al. (2023) re-noises x0 to sqrt(sigma^2 - sigma_min^2) (the stock scheduler's step);
+        # diffdistill's multistep sampler to sigma: equal to float32 resolution only for sigma >> sigma_min
+        smin = den.sigma_min
+        gap = max((1 - math.sqrt(1 - (smin / s) ** 2) for s in generator.sampling_sigmas[1:]), default=0.0)
+        if gap > RENOISE_RTOL:
+            why = (
+                f"the stock scheduler re-noises to sqrt(sigma^2 - sigma_min^2) (Song et al. 2023, Alg. 1), "
+                f"diffdistill's sampler to sigma; for this recipe they differ by {gap:.2g} (relative)"
+            )
+    if why is None:
+        schedule = cm_schedule(generator.sampling_sigmas, den.sigma_min, den.sigma_data)
+        if schedule is None:
+            why = f"its sigma list {generator.sampling_sigmas} is not a point set of a Karras grid the scheduler builds"
+    if why is not None:
+        if pipeline == "stock":
+            raise ValueError(f"the stock ConsistencyModelPipeline cannot reproduce this student: {why}")
+        return Plan("diffdistill", f"the stock ConsistencyModelPipeline cannot express this student: {why}")
+    if pipeline == "diffdistill":
+        return Plan("diffdistill", "asked for with pipeline=diffdistill")
+    return Plan(
+        "stock",
+        "the student is a boundary-condition consistency model over an EDM-preconditioned UNet2DModel, exactly the "
+        "parametrisation of diffusers' CMStochasticIterativeScheduler",
+        schedule,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+def _tuner_layers(module: nn.Module) -> dict[str, nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: m for name, m in module.named_modules() if name and isinstance(m, BaseTunerLayer)}
+
+
+def fuse_lora(module: nn.Module) -> nn.Module:
+    """Merge every active LoRA adapter into its base layer and drop the adapters (peft's ``merge_and_unload``)."""
+    for layer in _tuner_layers(module).values():
+        layer.merge()
+    return _strip_unmerged(module)
+
+
+def _strip_unmerged(module: nn.Module) -> nn.Module:
+    """Replace adapted layers by their (unmerged) base layers and forget the recorded LoRA spec."""
+    from diffdistill.models.lora import strip_lora
+
+    strip_lora(module)
+    for m in module.modules():
+        m.__dict__.pop("lora_spec", None)
+    return module
+
+
+def lora_root(denoiser: nn.Module) -> nn.Module:
+    """What an exported adapter is relative to: the diffusers UNet of a UNet student, else the denoiser."""
+    unet = getattr(backbone_of(denoiser), "unet", None)
+    return denoiser if unet is None else unet
+
+
+def write_lora_adapter(denoiser: nn.Module, folder: Path) -> list[str]:
+    """Write the denoiser's LoRA adapter in peft's layout (``adapter_config.json`` + ``adapter_model.safetensors``),
+    relative to :func:`lora_root`; returns the adapted module names."""
+    from peft import LoraConfig, get_peft_model
+
+    root = lora_root(denoiser)
+    inside = _tuner_layers(root)
+    outside = set(_tuner_layers(denoiser)) - {_name_in(denoiser, m) for m in inside.values()}
+    if outside:
+        raise ValueError(
+            f"LoRA adapters outside the {type(root).__name__} ({sorted(outside)[:3]}...) cannot be written as one "
+            "adapter: export with lora=fuse"
+        )
+    adapters = {tuple(layer.active_adapters) for layer in inside.values()}
+    if len(adapters) != 1 or len(next(iter(adapters))) != 1:
+        raise ValueError(f"expected one active LoRA adapter, found {sorted(adapters)}: export with lora=fuse")
+    (name,) = next(iter(adapters))
+    ranks = {k: int(m.r[name]) for k, m in inside.items()}
+    alphas = {k: float(m.lora_alpha[name]) for k, m in inside.items()}
+    rslora = {bool(getattr(m, "use_rslora", {}).get(name, False)) for m in inside.values()}
+    if len(rslora) != 1:
+        raise ValueError("mixed rsLoRA scalings cannot be written as one adapter: export with lora=fuse")
+    r = Counter(ranks.values()).most_common(1)[0][0]  # the common rank/alpha; others go to the patterns
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(inside),
+        rank_pattern={k: v for k, v in ranks.items() if v != r},
+        alpha_pattern={k: v for k, v in alphas.items() if v != alpha},
+        use_rslora=rslora.pop(),
+    )
+    base = _strip_unmerged(copy.deepcopy(root))
+    peft_model = get_peft_model(base, cfg)
+    theirs = _tuner_layers(peft_model.base_model.model)
+    if set(theirs) != set(inside):
+        raise ValueError("peft adapts other layers than the student's from the written target list")
+    with torch.no_grad():
+        for k, layer in inside.items():
+            own = {n: p for n, p in layer.named_parameters() if f".{name}." in f".{n}."}
+            dst = dict(theirs[k].named_parameters())
+            for n, p in own.items():
+                dst[n.replace(f".{name}.", ".default.")].copy_(p)
+    peft_model.save_pretrained(str(folder))
+    return sorted(inside)
+
+
+def _name_in(module: nn.Module, target: nn.Module) -> str:
+    return next(n for n, m in module.named_modules() if m is target)
+
+
+# ---------------------------------------------------------------------------------------------- building the folder
+def _stock_unet(net: nn.Module) -> nn.Module:
+    """The UNet of a ``UNetBackbone`` for the stock pipeline: its null-class embedding row is dropped, so the
+    pipeline's random labels (``randint(num_class_embeds)``) are real classes; real labels compute the same."""
+    from diffusers import UNet2DModel
+
+    unet = net.unet
+    if net.num_classes is None or not net.null_class:
+        return copy.deepcopy(unet)
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    config["num_class_embeds"] = net.num_classes
+    out = UNet2DModel(**config)
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    state["class_embedding.weight"] = state["class_embedding.weight"][: net.num_classes]
+    out.load_state_dict(state)
+    return out
+
+
+def _stock_pipeline(gen: Generator, schedule: CMSchedule, recipe: dict[str, Any]):
+    from diffusers import ConsistencyModelPipeline
+
+    den = gen.denoiser
+    sched = _scheduler(schedule.num_train_timesteps, schedule.rho, den.sigma_min, gen.sigma_init, den.sigma_data)
+    # diffusers keeps "_"-prefixed config entries silently (not init arguments): the recipe travels with the scheduler
+    sched.register_to_config(_diffdistill_recipe=recipe)
+    return ConsistencyModelPipeline(unet=_stock_unet(den.inner.net).eval(), scheduler=sched)
+
+
+def _own_pipeline(gen: Generator, gamma: float | None) -> DiffDistillPipeline:
+    from diffdistill.models.io import model_config
+
+    net = backbone_of(gen.denoiser)
+    model = DiffDistillGeneratorModel(
+        denoiser_config=model_config(gen.denoiser),
+        sigma_init=gen.sigma_init,
+        sampling_sigmas=list(gen.sampling_sigmas),
+        gamma=gamma,
+        guidance=dict(gen.guidance) if gen.guidance else None,
+        num_classes=gen.num_classes,
+        null_class=bool(getattr(net, "null_class", True)),
+        sample_shape=list(gen.sample_shape),
+    )
+    model.generator.denoiser.load_state_dict(gen.denoiser.state_dict())
+    return DiffDistillPipeline(student=model.eval())
+
+
+# ---------------------------------------------------------------------------------------------- the round-trip check
+def reference_sample(
+    gen: Generator,
+    batch_size: int,
+    seed: int,
+    sigmas: list[float],
+    class_labels: list[int] | None = None,
+    gamma: float | None = None,
+    guidance_scale: float | None = None,
+) -> Tensor:
+    """diffdistill's own sampler under the pipelines' seeding convention: unit latents, then per-step noise, all
+    from ``torch.Generator().manual_seed(seed)``."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((batch_size, *gen.sample_shape), generator=g)
+    labels = None if class_labels is None else torch.tensor(class_labels, dtype=torch.long)
+    w = None if guidance_scale is None else torch.full((batch_size,), float(guidance_scale))
+    with torch.no_grad():
+        return gen.sample(z, Conditioning(class_labels=labels, guidance_scale=w), sigmas, generator=g, gamma=gamma)
+
+
+def _pipeline_sample(pipe, kind: str, sigmas: list[float], labels: list[int] | None, schedule, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "diffdistill":
+        return pipe(batch_size=2, class_labels=labels, sigmas=sigmas, generator=g, output_type="latent").images
+    raw: list[Tensor] = []
+    kwargs = schedule.call_kwargs(len(sigmas))
+    pipe(
+        batch_size=2,
+        class_labels=labels,
+        generator=g,
+        output_type="pt",
+        callback=lambda i, t, x: raw.append(x),
+        **kwargs,
+    )
+    return raw[-1]
+
+
+def _verify(folder: Path, plan: Plan, ref: Generator, gamma: float | None, adapter: Path | None) -> dict[str, float]:
+    """Load the written folder like a user would and compare it with ``ref`` (max |difference| per recipe)."""
+    from diffusers import ConsistencyModelPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    cls = ConsistencyModelPipeline if plan.kind == "stock" else DiffDistillPipeline
+    bar = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        pipe = cls.from_pretrained(str(folder))
+    finally:
+        if bar:
+            diffusers_logging.enable_progress_bar()
+    pipe.set_progress_bar_config(disable=True)
+    if adapter is not None:
+        if plan.kind == "stock":
+            from peft import PeftModel
+
+            pipe.unet = PeftModel.from_pretrained(pipe.unet, str(adapter)).merge_and_unload()
+        else:
+            pipe.load_lora(str(adapter))
+    labels = None if ref.num_classes is None else [i % ref.num_classes for i in range(2)]
+    out = {}
+    for name, sigmas in {"one_step": ref.sampling_sigmas[:1], "recipe": ref.sampling_sigmas}.items():
+        want = reference_sample(ref, 2, 0, sigmas, labels, gamma)
+        got = _pipeline_sample(pipe, plan.kind, sigmas, labels, plan.schedule, 0)
+        diff = float((got.float().cpu() - want.float()).abs().max())
+        if not math.isfinite(diff) or diff > VERIFY_ATOL:
+            raise ValueError(
+                f"the exported {plan.kind} pipeline does not reproduce the student ({name}: max |difference| "
+                f"{diff:.3g} > {VERIFY_ATOL}); nothing was written"
+            )
+        out[name] = diff
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- export
+@dataclass
+class ExportResult:
+    path: Path
+    kind: str
+    reason: str
+    pipeline_class: str
+    call: dict[str, Any] = field(default_factory=dict)
+    verified: dict[str, float] = field(default_factory=dict)
+
+
+def check_target(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an existing file, or a non-empty folder unless ``overwrite``."""
+    out = Path(out)
+    if out.is_file() or out.is_symlink():
+        raise FileExistsError(f"export target '{out}' is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"export folder '{out}' is not empty; pass overwrite=true to replace it")
+    return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    for p in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700: readable like any folder
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old"))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def export_pipeline(
+    generator: Generator,
+    out: str | Path,
+    *,
+    metadata: dict[str, Any] | None = None,
+    gamma: float | None = None,
+    pipeline: str = "auto",
+    lora: str = "fuse",
+    overwrite: bool = False,
+    eval_results: list[Path] | None = None,
+    source: str | None = None,
+    repo_id: str | None = None,
+    verify: bool = True,
+) -> ExportResult:
+    """Write ``generator`` as a diffusers pipeline folder ``out`` (atomically) and return what was written.
+
+    Args:
+        generator: the student (left unchanged: the export works on a copy).
+        metadata: the source model folder's ``diffdistill.json`` (for the model card; every key optional).
+        gamma: TCD gamma of the recipe (default: ``metadata["gamma"]``); forces diffdistill's pipeline.
+        pipeline: ``auto`` (stock where exact), ``stock`` (fail if not exact) or ``diffdistill``.
+        lora: LoRA students: ``fuse`` (merge the adapters: a plain network) or ``adapters`` (the base network plus
+            a peft adapter folder ``lora/``).
+        eval_results: results JSON files to copy into ``eval/`` and summarise in the card.
+        repo_id: the hub repository the folder will be pushed to (used in the card's snippet).
+        verify: load the written folder back and compare it with diffdistill's sampler before publishing.
+    """
+    from diffdistill.models.lora import has_lora
+
+    if lora not in LORA_MODES:
+        raise ValueError(f"lora must be one of {LORA_MODES}, got {lora!r}")
+    if not isinstance(generator, Generator):
+        raise ValueError(f"can only export a diffdistill Generator, got {type(generator).__name__}")
+    out = check_target(out, overwrite)
+    meta = dict(metadata or {})
+    if gamma is None and meta.get("gamma") is not None:
+        gamma = float(meta["gamma"])
+    gen = copy.deepcopy(generator).cpu().eval()
+    ref = copy.deepcopy(gen) if verify else None  # what the written folder must reproduce (LoRA still unmerged)
+    lora_used = has_lora(gen.denoiser)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        adapter_dir = None
+        if lora_used and lora == "adapters":
+            adapter_dir = tmp / LORA_FOLDER
+            write_lora_adapter(gen.denoiser, adapter_dir)
+            _strip_unmerged(gen.denoiser)
+        elif lora_used:
+            fuse_lora(gen.denoiser)
+        plan = choose_pipeline(gen, gamma, pipeline)
+        recipe = {
+            "sigma_init": gen.sigma_init,
+            "sampling_sigmas": list(gen.sampling_sigmas),
+            "gamma": gamma,
+            "guidance": gen.guidance,
+        }
+        if plan.kind == "stock":
+            recipe["call"] = plan.schedule.call_kwargs()
+            pipe = _stock_pipeline(gen, plan.schedule, recipe)
+        else:
+            pipe = _own_pipeline(gen, gamma)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe.save_pretrained(str(tmp))
+        evals = _copy_evals(eval_results or [], tmp / "eval")
+        verified = _verify(tmp, plan, ref, gamma, adapter_dir) if verify else {}
+        result = ExportResult(out, plan.kind, plan.reason, type(pipe).__name__, recipe.get("call", {}), verified)
+        sched = plan.schedule
+        info = CardInfo(
+            location=repo_id or str(out),
+            pipeline_class=result.pipeline_class,
+            reason=plan.reason,
+            sampling_sigmas=list(gen.sampling_sigmas),
+            sigma_init=gen.sigma_init,
+            gamma=gamma,
+            guidance=gen.guidance,
+            guidance_embedded=has_guidance_embedding(gen.denoiser),
+            num_classes=gen.num_classes,
+            sample_shape=list(gen.sample_shape),
+            stock_calls=None if sched is None else {"one": sched.call_kwargs(1), "all": sched.call_kwargs()},
+            lora=lora if lora_used else None,
+            metadata=meta,
+            evals=evals,
+            schedule_rho=None if sched is None else sched.rho,
+            num_train_timesteps=None if sched is None else sched.num_train_timesteps,
+        )
+        (tmp / "README.md").write_text(model_card(info))
+        from diffdistill import __version__
+
+        export_meta = {
+            "format": EXPORT_FORMAT,
+            "diffdistill_version": __version__,
+            "source": source,
+            "pipeline": plan.kind,
+            "pipeline_class": result.pipeline_class,
+            "reason": plan.reason,
+            "recipe": recipe,
+            "lora": info.lora,
+            "lora_folder": LORA_FOLDER if adapter_dir is not None else None,
+            "verified_max_abs_diff": verified,
+            "source_metadata": meta,
+        }
+        (tmp / META_NAME).write_text(json.dumps(export_meta, indent=2, default=str))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def _copy_evals(files: list[Path], dest: Path) -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for f in files:
+        try:
+            doc = json.loads(Path(f).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("skipping evaluation file %s (%s)", f, e)
+            continue
+        dest.mkdir(exist_ok=True)
+        shutil.copy2(f, dest / Path(f).name)
+        docs.append((Path(f).name, doc if isinstance(doc, dict) else {}))
+    return docs
+
+
+def export(
+    source: str | Path,
+    out: str | Path,
+    *,
+    ema: str | float | None = "auto",
+    gamma: float | None = None,
+    pipeline: str = "auto",
+    lora: str = "fuse",
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    verify: bool = True,
+) -> ExportResult:
+    """Export the student at ``source`` (a run folder, a checkpoint folder or a generator model folder).
+
+    ``ema``: ``"auto"`` (the highest-decay EMA track), a decay, or ``None`` (the online weights). The run's
+    ``eval/*.json`` are copied and summarised. ``push_to_hub``: a hub repository id to upload the folder to.
+    """
+    from diffdistill.models.io import generator_folder, load_generator
+
+    src = Path(source)
+    check_target(out, overwrite)  # before loading anything
+    folder = generator_folder(src, ema)
+    gen = load_generator(src, ema)
+    result = export_pipeline(
+        gen,
+        out,
+        metadata=read_metadata(folder),
+        gamma=gamma,
+        pipeline=pipeline,
+        lora=lora,
+        overwrite=overwrite,
+        eval_results=eval_files(src),
+        source=str(folder),
+        repo_id=push_to_hub,
+        verify=verify,
+    )
+    if push_to_hub:
+        upload(result.path, push_to_hub, private=private)
+    return result
+
+
+def upload(folder: str | Path, repo_id: str, private: bool = False) -> None:
+    """Create the hub model repository ``repo_id`` if needed and upload ``folder`` to it."""
+    import huggingface_hub
+
+    huggingface_hub.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    huggingface_hub.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message="diffdistill export"
+    )
