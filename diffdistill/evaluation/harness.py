@@ -203,9 +203,13 @@ class Evaluator:
             "num_classes": nc,
             "guidance_scale": getattr(model, "guidance_scale", None),
         }
-        return torch.cat(
-            list(iter_generate(model, self.num_images, self.seed, self.batch_size, 0, spec, cond_fn, self.device))
-        )
+        # each process generates its share of the per-sample seeds; the gathered set is the same for any number of
+        # processes, since image i depends only on (model, seed + i)
+        from diffdistill.utils.distributed import gather_cat, shard
+
+        start, stop = shard(self.num_images)
+        mine = list(iter_generate(model, stop - start, self.seed, self.batch_size, start, spec, cond_fn, self.device))
+        return gather_cat(torch.cat(mine) if mine else torch.empty(0, dtype=torch.uint8))
 
     def score_images(self, images: torch.Tensor, num_classes: int | None = None) -> dict[str, float]:
         """Score uint8 images ``[N, C, H, W]`` (the i-th image is taken as sample index i)."""
@@ -238,7 +242,9 @@ class Evaluator:
         images = self.generate(model)
         out = self.score_images(images, self._num_classes(model))
         self.last_seconds = time.perf_counter() - t0
-        if self.results_path:
+        from diffdistill.utils.distributed import is_main_process
+
+        if self.results_path and is_main_process():
             write_results(self.results_path, self.protocol(), [self.record(out, step=step, kind="in-loop")])
         if self.verbose:
             print(f"[eval] step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()))

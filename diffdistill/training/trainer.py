@@ -37,7 +37,10 @@ from diffdistill.training.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from diffdistill.training.distributed import (
+from diffdistill.training.ema import EMA
+from diffdistill.training.logging import LoggerConfig, MetricWindow, TrackerLogger, build_trackers
+from diffdistill.training.optim import OptimizerSpec
+from diffdistill.utils.distributed import (
     all_true,
     any_true,
     average_gradients,
@@ -45,9 +48,6 @@ from diffdistill.training.distributed import (
     mean_scalars,
     micro_seed,
 )
-from diffdistill.training.ema import EMA
-from diffdistill.training.logging import LoggerConfig, MetricWindow, TrackerLogger, build_trackers
-from diffdistill.training.optim import OptimizerSpec
 from diffdistill.utils.images import figure_to_image, save_png, side_by_side_image
 
 log = logging.getLogger("diffdistill")
@@ -273,7 +273,7 @@ class DistillTrainer:
                 module.to(memory_format=torch.channels_last)
             opt, sched = optim.build(name, module)
             # only the optimiser goes through accelerate (loss scaling); gradients are averaged by the trainer
-            # itself across processes (diffdistill/training/distributed.py), so roles stay plain modules
+            # itself across processes (diffdistill/utils/distributed.py), so roles stay plain modules
             self.optimizers[name], self.schedulers[name] = self.accelerator.prepare(opt), sched
         broadcast_parameters([roles[n] for n in (*objective.roles, *objective.frozen_roles)])
         if self.cfg.compile:
@@ -358,7 +358,16 @@ class DistillTrainer:
         for k, sd in state["roles"].items():
             if k not in self.roles:
                 raise ValueError(f"checkpoint holds role '{k}' that this run does not build")
-            unwrap(self.roles[k]).load_state_dict(sd)
+            try:
+                unwrap(self.roles[k]).load_state_dict(sd)
+            except RuntimeError as e:
+                missing = [n for n in unwrap(self.roles[k]).state_dict() if n not in sd][:3]
+                extra = [n for n in sd if n not in unwrap(self.roles[k]).state_dict()][:3]
+                raise ValueError(
+                    f"checkpoint '{state.get('path', '?')}': its '{k}' does not match this run's network (missing "
+                    f"{missing}, unexpected {extra}): a checkpoint of another experiment, or of a student with or "
+                    "without LoRA adapters where this run differs"
+                ) from e
         for k, sd in state["optimizers"].items():
             self.optimizers[k].load_state_dict(sd)
         for k, sd in state["schedulers"].items():
@@ -438,7 +447,7 @@ class DistillTrainer:
 
     def _micro_batches(self) -> list[tuple[int, Batch]]:
         """This process's micro-batches of the iteration, each with its virtual rank ``v`` (its slice of the
-        global batch and its seeds; see diffdistill/training/distributed.py)."""
+        global batch and its seeds; see diffdistill/utils/distributed.py)."""
         idx = self.batcher.next_indices()
         b = self.cfg.batch_size
         out = []
@@ -715,7 +724,8 @@ class DistillTrainer:
                 logger.log(self.step, stats, kind="samples")
                 if image is not None:
                     logger.log_images(self.step, {"samples": image})
-            if self.is_main and self.evaluator is not None and c.eval_every and (self.step % c.eval_every == 0 or end):
+            # every process evaluates its share of the seeds (the evaluator gathers); the main process logs
+            if self.evaluator is not None and c.eval_every and (self.step % c.eval_every == 0 or end):
                 with torch.random.fork_rng():
                     metrics = self.evaluator(self.ema_generator(), self.step)
                 logger.log(self.step, metrics, kind="eval")

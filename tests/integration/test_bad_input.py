@@ -96,3 +96,15 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert "diffdistill: error:" in proc.stderr and "/no/teacher" in proc.stderr
+
+
+def test_a_lora_run_refuses_a_checkpoint_without_lora(tmp_path):
+    """Resuming a LoRA student from a full-student checkpoint (or any other network) is one clear line."""
+    run(compose_train([*TINY, f"run_dir={tmp_path}", "objective=ect"]))
+    cfg = compose_train([*TINY, f"run_dir={tmp_path}", "objective=ect", "trainer.max_steps=6", "trainer.resume=auto"])
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.student.lora = {"rank": 2}
+    with pytest.raises(ValueError, match="does not match this run's network"):
+        run(cfg)

@@ -90,7 +90,7 @@ def _max_diff(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two_proc")
-    _torchrun(out, NAMES)
+    _torchrun(out, NAMES, "--eval")
     return out
 
 
@@ -127,3 +127,16 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_process_runs):
     trainer = build_trainer(compose_train([*overrides("dmd", run_dir, 5, 4, 1), "trainer.resume=auto"]))
     trainer.fit()
     assert trainer.step == 5
+
+
+def test_evaluation_splits_the_seeds_across_processes(two_process_runs):
+    """In-loop evaluation: each process generates its share of the per-sample seeds and the set is gathered, so the
+    images and the score equal those of one process."""
+    from tests.unit.test_eval_harness import _evaluator, _gen, _reference
+
+    ev = _evaluator(_reference(64))
+    images, score = ev.generate(_gen()), ev(_gen())
+    for rank in (0, 1):
+        got = torch.load(two_process_runs / f"eval.rank{rank}.pt")
+        assert torch.equal(got["images"], images)
+        assert got["score"] == pytest.approx(score, rel=1e-6)

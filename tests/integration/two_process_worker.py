@@ -20,6 +20,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--no-sync", action="store_true")
+    ap.add_argument("--eval", action="store_true", help="also score a fixed generator with the evaluator")
     ap.add_argument("names", nargs="+")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -36,9 +37,17 @@ def main() -> None:
         assert trainer.world_size == 2, trainer.world_size
         trainer.fit()
         weights = {r: [p.detach().clone() for p in trainer.roles[r].parameters()] for r in trainer.objective.roles}
-        torch.save(
-            {"weights": weights, "world_size": trainer.world_size}, Path(args.out) / f"{name}.rank{trainer.rank}.pt"
-        )
+        out = Path(args.out) / f"{name}.rank{trainer.rank}.pt"
+        torch.save({"weights": weights, "world_size": trainer.world_size}, out)
+    if args.eval:  # each process generates its share of the per-sample seeds; the evaluator gathers them
+        import torch.distributed as dist
+
+        from tests.unit.test_eval_harness import _evaluator, _gen, _reference
+
+        ev = _evaluator(_reference(64))
+        images = ev.generate(_gen())
+        score = ev(_gen())
+        torch.save({"images": images, "score": score}, Path(args.out) / f"eval.rank{dist.get_rank()}.pt")
 
 
 if __name__ == "__main__":

@@ -79,3 +79,25 @@ def mean_scalars(scalars: dict[str, float], device: torch.device) -> dict[str, f
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def shard(n: int) -> tuple[int, int]:
+    """This process's contiguous share ``[start, stop)`` of ``n`` items (all of them in one process)."""
+    if not is_distributed():
+        return 0, n
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per = -(-n // world)
+    return min(rank * per, n), min((rank + 1) * per, n)
+
+
+def gather_cat(part: Tensor) -> Tensor:
+    """Every process's ``part`` concatenated in rank order, on every process (for per-sample evaluation)."""
+    if not is_distributed():
+        return part
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part.cpu())
+    return torch.cat(parts)
+
+
+def is_main_process() -> bool:
+    return not is_distributed() or dist.get_rank() == 0
