@@ -34,3 +34,16 @@ def tiny_unet2d(**kwargs):
 
     torch.manual_seed(0)
     return UNet2DModel(**tiny_unet2d_config(**kwargs))
+
+
+def state_equal(a, b) -> bool:
+    """Nested checkpoint states are equal: tensors bit for bit, plain values by value."""
+    import torch
+
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    return a == b if isinstance(a, (int, float, str, bool)) else True

@@ -18,7 +18,7 @@ from diffdistill.cli.train import run
 from diffdistill.objectives import OBJECTIVES
 from diffdistill.training.builders import build_trainer
 from diffdistill.training.checkpoint import load_checkpoint
-from tests.helpers import compose_train
+from tests.helpers import compose_train, state_equal
 
 NAMES = sorted(OBJECTIVES)
 # the default experiment stays selected: choosing the objective must be enough
@@ -67,16 +67,6 @@ def test_lpips_without_weights_says_what_to_supply(tmp_path):
         build_trainer(cfg)
 
 
-def _state_equal(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
-    if torch.is_tensor(a):
-        return torch.equal(a, b)
-    return a == b if isinstance(a, (int, float, str, bool)) else True
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_objective_resumes_bit_for_bit(name, tmp_path):
     """4 iterations == 2 + resume + 2, for every module, optimiser, EMA track, data position and RNG."""
@@ -88,7 +78,7 @@ def test_objective_resumes_bit_for_bit(name, tmp_path):
     b = load_checkpoint(tmp_path / "half" / "checkpoints" / "last")
     assert a["step"] == b["step"] == 4
     for key in ("roles", "optimizers", "ema", "data", "objective_state"):
-        assert _state_equal(a[key], b[key]), key
+        assert state_equal(a[key], b[key]), key
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 

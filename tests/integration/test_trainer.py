@@ -11,7 +11,7 @@ from diffdistill.objectives.base import LossOutput
 from diffdistill.training.builders import build_trainer
 from diffdistill.training.checkpoint import load_checkpoint
 from diffdistill.training.trainer import NonFiniteError
-from tests.helpers import TINY, compose_train
+from tests.helpers import TINY, compose_train, state_equal
 
 
 def test_dmd_toy_run_reaches_true_distribution(tmp_path):
@@ -43,16 +43,6 @@ def _toy(tmp_path, steps, extra=(), base=("experiment=toy/dmd",)):
     )
 
 
-def _state_equal(a, b):
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
-    if torch.is_tensor(a):
-        return torch.equal(a, b)
-    return True
-
-
 TINY_RESUME = (*TINY, "objective.critic_steps_per_generator_step=2", "trainer.sample_every=3")
 
 
@@ -69,7 +59,7 @@ def test_resume_continues_the_same_trajectory(tmp_path, base):
     b = load_checkpoint(tmp_path / "half" / "checkpoints" / "last")
     assert a["step"] == b["step"] == 10
     for key in ("roles", "optimizers", "ema", "data"):
-        assert _state_equal(a[key], b[key]), key
+        assert state_equal(a[key], b[key]), key
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     # the training log of the resumed run equals the uninterrupted one (train records; wall time aside)
     assert _train_records(tmp_path / "full") == _train_records(tmp_path / "half")

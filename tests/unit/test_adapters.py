@@ -35,7 +35,7 @@ def test_teacher_from_diffusers_folder_and_errors(folder, tmp_path, no_network):
     t = Teacher(DiffusersVPDenoiser.from_pretrained(folder, quantize=True))
     assert t.sample_shape == (3, 8, 8) and t.sigma_max > 100
     assert torch.equal(t.denoiser.schedule.sigma_to_t(torch.tensor([t.sigma_max])), torch.tensor([999.0]))
-    with pytest.raises(FileNotFoundError, match="could not load"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         DiffusersVPDenoiser.from_pretrained(tmp_path / "nothing")
     with pytest.raises(ValueError, match="prediction_type"):
         DiffusersVPDenoiser(t.denoiser.unet, t.denoiser.schedule.alphas_cumprod, "flow")
