@@ -98,7 +98,7 @@ def main() -> None:
                 noise = [torch.randn_like(z) for _ in sigmas[1:]]
                 r = rate(
                     lambda gen=gen, sigmas=sigmas, noise=noise: multistep_sample(
-                        gen.denoise, z, sigmas, cond, noise=noise
+                        gen.denoise, z, sigmas, cond, noise=noise, sigma_min=gen.renoise_floor
                     ),
                     n,
                     args.warmup,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -58,15 +59,19 @@ def multistep_sample(
     cond: Conditioning | None = None,
     generator: torch.Generator | None = None,
     noise: list[Tensor] | None = None,
+    sigma_min: float = 0.0,
 ) -> Tensor:
-    """Consistency multistep sampling: ``x0 = D(sigma_0 z)``; for each next sigma ``x0 = D(x0 + sigma eps)``."""
+    """Consistency multistep sampling (Song et al. 2023, Alg. 1): ``x0 = D(sigma_0 z)``; for each next sigma
+    ``x0 = D(x0 + sqrt(sigma^2 - sigma_min^2) eps, sigma)``. ``sigma_min`` is the student's boundary (the noise a
+    boundary-condition student's ``x0`` already carries); 0 for students without one."""
     sigmas = [float(s) for s in sigmas]
     x0 = _d(denoise, sigmas[0] * z, sigmas[0], cond)
     for i, s in enumerate(sigmas[1:]):
         eps = (
             noise[i] if noise is not None else torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         )
-        x0 = _d(denoise, x0 + s * eps, s, cond)
+        # (Song et al. 2023, Alg. 1, line 5)
+        x0 = _d(denoise, x0 + math.sqrt(max(s * s - sigma_min * sigma_min, 0.0)) * eps, s, cond)
     return x0
 
 

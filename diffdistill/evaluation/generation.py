@@ -101,7 +101,8 @@ def sample_batch(
         return model(z, cond, sigma=spec.sigmas[0])
     if spec.kind == "multistep":
         noise = [d.to(device) for d in draws[1:]]
-        return multistep_sample(model.denoise, z, spec.sigmas, cond, noise=noise)
+        floor = getattr(model, "renoise_floor", 0.0)
+        return multistep_sample(model.denoise, z, spec.sigmas, cond, noise=noise, sigma_min=floor)
     sigmas = torch.tensor(spec.sigmas)
     return heun_sample(model, spec.sigmas[0] * z, sigmas, cond)
 

@@ -46,7 +46,6 @@ LORA_FOLDER = "lora"  # <export>/lora: adapter_config.json + adapter_model.safet
 META_NAME = "diffdistill.json"
 EXPORT_FORMAT = "diffdistill-export/1"
 VERIFY_ATOL = 1e-3  # built-in round-trip check (data scale [-1, 1]); the tests hold the pipelines to 1e-5
-RENOISE_RTOL = 5e-6  # stock re-noising vs diffdistill's, relative (see choose_pipeline)
 LORA_MODES = ("fuse", "adapters")
 PIPELINES = ("auto", "stock", "diffdistill")
 
@@ -217,16 +216,8 @@ def choose_pipeline(generator: Generator, gamma: float | None = None, pipeline: 
     elif generator.sampling_sigmas[0] != generator.sigma_init:
         why = "its first sampling sigma differs from sigma_init (the scheduler starts every call at sigma_max)"
     schedule = None
-    if why is None:
-        # Alg. 1 of Song et al. (2023) re-noises x0 to sqrt(sigma^2 - sigma_min^2) (the stock scheduler's step);
-        # diffdistill's multistep sampler to sigma: equal to float32 resolution only for sigma >> sigma_min
-        smin = den.sigma_min
-        gap = max((1 - math.sqrt(1 - (smin / s) ** 2) for s in generator.sampling_sigmas[1:]), default=0.0)
-        if gap > RENOISE_RTOL:
-            why = (
-                f"the stock scheduler re-noises to sqrt(sigma^2 - sigma_min^2) (Song et al. 2023, Alg. 1), "
-                f"diffdistill's sampler to sigma; for this recipe they differ by {gap:.2g} (relative)"
-            )
+    # (both the stock scheduler and diffdistill's multistep sampler re-noise a boundary-condition student to
+    # sqrt(sigma^2 - sigma_min^2), Song et al. 2023 Alg. 1, so no recipe is excluded on that account)
     if why is None:
         schedule = cm_schedule(generator.sampling_sigmas, den.sigma_min, den.sigma_data)
         if schedule is None:

@@ -126,7 +126,14 @@ class Generator(WrapsDenoiser, nn.Module):
         sigmas = self.sampling_sigmas if sigmas is None else [float(s) for s in sigmas]
         if gamma is not None:
             return tcd_sample(self.denoise, z, sigmas, gamma, cond, generator)
-        return multistep_sample(self.denoise, z, sigmas, cond, generator)
+        return multistep_sample(self.denoise, z, sigmas, cond, generator, sigma_min=self.renoise_floor)
+
+    @property
+    def renoise_floor(self) -> float:
+        """The boundary ``sigma_min`` of a boundary-condition student (multistep sampling re-noises to
+        ``sqrt(sigma^2 - sigma_min^2)``, Song et al. 2023 Alg. 1), 0 for other students."""
+        boundary = getattr(self.denoiser, "boundary_sigma", None)
+        return float(boundary) if boundary else 0.0
 
 
 class FakeScore(WrapsDenoiser, nn.Module):

@@ -146,3 +146,28 @@ def test_a_mistyped_local_path_is_never_taken_for_a_hub_id(tmp_path, monkeypatch
             local_or_hub(missing)
     assert local_or_hub("google/ddpm-cifar10-32") == "google/ddpm-cifar10-32"  # a hub id stays one
     assert local_or_hub("runs") == "runs"  # an existing folder is used as it is
+
+
+def test_multistep_renoises_a_boundary_student_by_algorithm_1():
+    """Song et al. 2023, Alg. 1: x0 + sqrt(sigma^2 - sigma_min^2) eps for a boundary-condition student; x0 + sigma eps
+    for a student without a boundary."""
+    from diffdistill.models.backbones import MLPBackbone
+    from diffdistill.models.consistency import ConsistencyDenoiser
+    from diffdistill.models.denoiser import EDMDenoiser
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        sigma_data, sigma_min, sigma_max, num_classes = 0.5, 0.002, 80.0, None
+        sample_shape = (3,)
+
+        def forward(self, x, sigma, cond=None):
+            seen.append(x.clone())
+            return torch.zeros_like(x)
+
+    z, eps = torch.zeros(1, 3), torch.ones(1, 3)
+    multistep_sample(Recorder(), z, [80.0, 0.3], noise=[eps], sigma_min=0.2)
+    assert torch.allclose(seen[-1], torch.full((1, 3), (0.3**2 - 0.2**2) ** 0.5))
+    boundary = Generator(ConsistencyDenoiser(EDMDenoiser(MLPBackbone(dim=3)), sigma_min=0.2), 80.0)
+    plain = Generator(EDMDenoiser(MLPBackbone(dim=3)), 80.0)
+    assert boundary.renoise_floor == 0.2 and plain.renoise_floor == 0.0
