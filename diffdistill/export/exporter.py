@@ -37,8 +37,10 @@ from torch import Tensor, nn
 
 from diffdistill.export.card import CardInfo, model_card
 from diffdistill.export.pipeline import DiffDistillGeneratorModel, DiffDistillPipeline, backbone_of
+from diffdistill.models.backbones import has_guidance_embedding
 from diffdistill.models.conditioning import Conditioning
 from diffdistill.models.generator import Generator
+from diffdistill.models.lora import tuner_layers
 
 log = logging.getLogger("diffdistill")
 
@@ -184,10 +186,6 @@ class Plan:
     schedule: CMSchedule | None = None
 
 
-def has_guidance_embedding(module: nn.Module) -> bool:
-    return any(getattr(m, "guidance_emb", None) is not None for m in module.modules())
-
-
 def choose_pipeline(generator: Generator, gamma: float | None = None, pipeline: str = "auto") -> Plan:
     """The stock ``ConsistencyModelPipeline`` where it reproduces the student exactly, else diffdistill's."""
     from diffdistill.models.backbones import UNetBackbone
@@ -237,15 +235,9 @@ def choose_pipeline(generator: Generator, gamma: float | None = None, pipeline: 
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
-def _tuner_layers(module: nn.Module) -> dict[str, nn.Module]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return {name: m for name, m in module.named_modules() if name and isinstance(m, BaseTunerLayer)}
-
-
 def fuse_lora(module: nn.Module) -> nn.Module:
     """Merge every active LoRA adapter into its base layer and drop the adapters (peft's ``merge_and_unload``)."""
-    for layer in _tuner_layers(module).values():
+    for layer in tuner_layers(module).values():
         layer.merge()
     return _strip_unmerged(module)
 
@@ -272,8 +264,8 @@ def write_lora_adapter(denoiser: nn.Module, folder: Path) -> list[str]:
     from peft import LoraConfig, get_peft_model
 
     root = lora_root(denoiser)
-    inside = _tuner_layers(root)
-    outside = set(_tuner_layers(denoiser)) - {_name_in(denoiser, m) for m in inside.values()}
+    inside = tuner_layers(root)
+    outside = set(tuner_layers(denoiser)) - {_name_in(denoiser, m) for m in inside.values()}
     if outside:
         raise ValueError(
             f"LoRA adapters outside the {type(root).__name__} ({sorted(outside)[:3]}...) cannot be written as one "
@@ -300,7 +292,7 @@ def write_lora_adapter(denoiser: nn.Module, folder: Path) -> list[str]:
     )
     base = _strip_unmerged(copy.deepcopy(root))
     peft_model = get_peft_model(base, cfg)
-    theirs = _tuner_layers(peft_model.base_model.model)
+    theirs = tuner_layers(peft_model.base_model.model)
     if set(theirs) != set(inside):
         raise ValueError("peft adapts other layers than the student's from the written target list")
     with torch.no_grad():

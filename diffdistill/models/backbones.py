@@ -35,6 +35,11 @@ class GuidanceEmbedding(nn.Module):
         return self.mlp(torch.cat([h.sin(), h.cos()], dim=1))
 
 
+def has_guidance_embedding(module: nn.Module) -> bool:
+    """Whether any backbone inside ``module`` has its guidance embedding switched on."""
+    return any(getattr(m, "guidance_emb", None) is not None for m in module.modules())
+
+
 def _guidance(cond: Conditioning, batch: int, device) -> Tensor:
     """``cond.guidance_scale`` as ``[B]``; ``None`` means ``w = 1`` (no guidance)."""
     if cond.guidance_scale is None:

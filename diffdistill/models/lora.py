@@ -75,10 +75,15 @@ def with_lora(
     return add_lora(module, rank, alpha, target_modules, dropout, adapter_name)
 
 
-def _tuner_layers(module: nn.Module) -> Iterator[nn.Module]:
+def tuner_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """Every peft-adapted layer inside ``module``, by its name."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return (m for m in module.modules() if isinstance(m, BaseTunerLayer))
+    return {name: m for name, m in module.named_modules() if name and isinstance(m, BaseTunerLayer)}
+
+
+def _tuner_layers(module: nn.Module) -> Iterator[nn.Module]:
+    return iter(tuner_layers(module).values())
 
 
 def has_lora(module: nn.Module) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from diffdistill.models.backbones import has_guidance_embedding
 from diffdistill.models.consistency import wrap_boundary_condition
 from diffdistill.objectives.base import Paper, PassCount, register_objective
 from diffdistill.objectives.consistency import ConsistencyDistillation, euler_step, heun_step
@@ -31,10 +32,6 @@ def enable_guidance_embedding(module: nn.Module) -> bool:
             m.enable_guidance_embedding()
             found = True
     return found
-
-
-def has_guidance_embedding(module: nn.Module) -> bool:
-    return any(getattr(m, "guidance_emb", None) is not None for m in module.modules())
 
 
 def lcm_grid(schedule, num_scales: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
