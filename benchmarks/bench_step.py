@@ -16,11 +16,10 @@ timed alone before and after all objectives is kept beside it. Next to the measu
 pass-count estimate ``objective.pass_count().cost() / 3`` (a fine-tune step is one forward with graph plus one
 backward = 3 forwards), so the overhead beyond network passes is visible.
 
-Peak memory per objective and mode: ``full`` (full copies of every role) and ``checkpointing`` (diffusers
-activation checkpointing on the trainable roles' networks). Static = parameters, buffers, optimiser state,
-EMA and frozen copies (exact tensor bytes); step = what one update cycle adds on top (CPU: peak RSS above the
-RSS before the cycle; CUDA: ``max_memory_allocated``). LoRA with a shared base is not measured: LoRA students
-do not exist yet.
+Peak memory per objective and mode: ``full`` (full copies of every role) and ``checkpointing``
+(``trainer.gradient_checkpointing=true``: activation checkpointing in the trainable roles' networks).
+Static = parameters, buffers, optimiser state, EMA and frozen copies (exact tensor bytes); step = what one
+update cycle adds on top (CPU: peak RSS above the RSS before the cycle; CUDA: ``max_memory_allocated``).
 """
 
 from __future__ import annotations
@@ -83,6 +82,11 @@ NOTES: dict[str, str] = {
     "JVP + score regulariser on a backward-simulated sample of 1-4 student calls) and 4 critic steps (backward "
     "simulation without grad + fake fwd+bwd); the number of student calls cycles with the iteration",
     "ect": "consistency tuning: student fwd+bwd + stop-grad target fwd; teacher unused",
+    "sid": "SiD 1:1: generator step = G fwd+bwd, teacher and fake fwd with a graph and their backward to the input "
+    "(parameters frozen); fake step = G fwd (fresh noise, no grad) + fake fwd+bwd; student.sigma_init 80 as the other "
+    "rows (the paper's 2.5 does not change the cost)",
+    "sim": "SIM 1:1: generator step = G fwd+bwd, teacher fwd with a graph + its VJP, fake fwd without graph (y is "
+    "detached); fake step as SiD",
 }
 # Extra named configurations per network: (label, objective, overrides).
 VARIANTS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
@@ -90,6 +94,9 @@ VARIANTS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
         ("dmd_cfg2", "dmd", {"real_guidance_scale": 2.0}),
         ("dmd_ttur5", "dmd", {"critic_steps_per_generator_step": 5}),
         ("scm_fd", "scm", {"jvp_backend": "finite_difference"}),
+        ("sid_lsg2", "sid", {"real_guidance_scale": 2.0, "fake_guidance_scale": 2.0}),
+        ("sid_ckpt_scores", "sid", {"checkpoint_scores": True}),
+        ("sim_ckpt_scores", "sim", {"checkpoint_scores": True}),
     ],
     "sd_tiny": [],
     "adm_dmd2": [("dmd_ttur5", "dmd", {"critic_steps_per_generator_step": 5})],
@@ -132,19 +139,6 @@ def objective_node(name: str, overrides: dict[str, Any]):
     return OmegaConf.merge(node, OVERRIDES.get(name, {}), overrides)
 
 
-def enable_checkpointing(trainer: DistillTrainer) -> int:
-    """diffusers activation checkpointing on every diffusers model inside the trainable roles; returns how many."""
-    from diffusers import ModelMixin
-
-    n = 0
-    for r in trainer.objective.roles:
-        for m in trainer.roles[r].modules():
-            if isinstance(m, ModelMixin) and getattr(m, "_supports_gradient_checkpointing", False):
-                m.enable_gradient_checkpointing()
-                n += 1
-    return n
-
-
 def make_trainer(
     net: Network, objective: str | None, overrides: dict[str, Any], args, run_dir: str, mode: str = "full"
 ) -> DistillTrainer:
@@ -183,11 +177,15 @@ def make_trainer(
         channels_last=args.channels_last,
         compile=args.compile,
         seed=0,
+        gradient_checkpointing=mode == "checkpointing",  # every trainable role's network that supports it
+        tf32=getattr(args, "tf32", False),
     )
-    optim = OptimizerSpec(lr=1e-6, warmup_steps=1, fused=args.fused)
+    optim = OptimizerSpec(lr=1e-6, warmup_steps=0, fused=args.fused)
     trainer = DistillTrainer(obj, roles, teacher, net.dataset, run_dir, tcfg, optim)
-    if mode == "checkpointing" and enable_checkpointing(trainer) == 0:
-        raise RuntimeError("no diffusers model in the trainable roles supports gradient checkpointing")
+    if mode == "checkpointing" and not any(
+        getattr(m, "is_gradient_checkpointing", False) for r in obj.roles for m in trainer.roles[r].modules()
+    ):
+        raise RuntimeError("no network in the trainable roles supports activation checkpointing")
     return trainer
 
 
@@ -466,6 +464,7 @@ def main() -> None:
     ap.add_argument("--fused", action="store_true", help="optim.fused (foreach on CPU)")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--tf32", action="store_true", help="trainer.tf32 (CUDA only)")
     ap.add_argument("--ckpt-repeats", type=int, default=3, help="repeats of the checkpointing/LoRA-mode timings")
     ap.add_argument("--no-lora", dest="lora", action="store_false", help="skip the shared-base LoRA mode")
     ap.add_argument("--lora-rank", type=int, default=16)
@@ -501,6 +500,7 @@ def main() -> None:
             "fused": args.fused,
             "channels_last": args.channels_last,
             "compile": args.compile,
+            "tf32": args.tf32,
             "mixed_precision": args.mixed_precision,
             "finetune_reference": "EDM loss (log-normal sigma, P_mean -1.2, P_std 1.2), same trainer",
             "estimate": "pass_count().cost() / 3 (F = 1 forward, backward = 2F, JVP = 3F)",

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "PAPER_SIGMA_DATA",
+    "noise_scale",
     "append_dims",
     "as_sigma",
     "edm_precond",
@@ -45,6 +47,25 @@ __all__ = [
     "cfg_combine",
     "consistency_precond",
 ]
+
+
+PAPER_SIGMA_DATA = 0.5
+"""The data scale the papers' noise densities and ranges are stated for (pixels in ``[-1, 1]``)."""
+
+
+def noise_scale(sigma_data: float, match: bool = True) -> float:
+    """``c = sigma_data / 0.5``: the factor that carries a paper's noise density to data of scale ``sigma_data``.
+
+    Rescaling data of scale ``sigma_data`` by ``1 / c`` gives the papers' ``sigma_data = 0.5``, and maps a noise
+    level ``sigma`` to ``sigma / c``. So a density stated for 0.5 is used at ``sigma_data`` by scaling every
+    noise level by ``c``: a log-normal ``ln sigma ~ N(P_mean, P_std^2)`` becomes ``N(P_mean + ln c, P_std^2)`` and
+    a range ``[sigma_min, sigma_max]`` becomes ``[c sigma_min, c sigma_max]``. ``c = 1`` (the papers' values
+    exactly) at ``sigma_data = 0.5`` or when ``match`` is off.
+    """
+    sigma_data = float(sigma_data)
+    if not sigma_data > 0:
+        raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+    return sigma_data / PAPER_SIGMA_DATA if match else 1.0
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:

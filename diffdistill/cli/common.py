@@ -8,8 +8,10 @@ import logging
 import sys
 
 from diffdistill.utils.paths import CONFIG_DIR as _CONFIG_DIR
+from diffdistill.utils.resolvers import register_resolvers
 
 CONFIG_DIR = str(_CONFIG_DIR)
+register_resolvers()
 
 log = logging.getLogger("diffdistill")
 

@@ -1,16 +1,27 @@
-"""Datasets: toy distributions with exact teachers, Fashion-MNIST, image folders; a resumable batcher."""
+"""Datasets: toy distributions with exact teachers, Fashion-MNIST, image folders (in memory or decoded on demand),
+WebDataset tar shards, Hugging Face datasets; the resumable data stream the trainer reads."""
 
+from diffdistill.data.archives import TarShards
 from diffdistill.data.fashion_mnist import FashionMNIST
+from diffdistill.data.hf import HFImages
 from diffdistill.data.images import Batch, ImageFolder, ImageTensorDataset, InfiniteBatcher, SyntheticImages
+from diffdistill.data.loader import DataStream, LoaderOptions
+from diffdistill.data.streaming import EncodedImages, ImageFolderStream
 from diffdistill.data.toy import GaussianMixtureToy, GaussianToy
 
 __all__ = [
     "Batch",
+    "DataStream",
+    "EncodedImages",
     "FashionMNIST",
     "GaussianMixtureToy",
     "GaussianToy",
+    "HFImages",
     "ImageFolder",
+    "ImageFolderStream",
     "ImageTensorDataset",
     "InfiniteBatcher",
+    "LoaderOptions",
     "SyntheticImages",
+    "TarShards",
 ]

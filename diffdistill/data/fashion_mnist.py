@@ -83,8 +83,10 @@ def FashionMNIST(
     resolution: int = 32,
     download: bool = False,
     limit: int | None = None,
+    xflip: bool = False,
 ) -> ImageTensorDataset:
-    """Fashion-MNIST as an in-memory :class:`ImageTensorDataset` (uint8, padded to ``resolution``)."""
+    """Fashion-MNIST as an in-memory :class:`ImageTensorDataset` (uint8, padded to ``resolution``); ``xflip`` adds the
+    mirror image of every sample."""
     if split not in _FILES:
         raise ValueError(f"split must be one of {list(_FILES)}, got '{split}'")
     folder = locate_fashion_mnist(root, download)
@@ -110,4 +112,5 @@ def FashionMNIST(
         num_classes=10,
         name=f"fashion_mnist-{split}-{resolution}",
         class_names=CLASSES,
+        xflip=xflip,
     )

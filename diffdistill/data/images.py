@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import torch
 from torch import Tensor
 
+from diffdistill.data.transforms import horizontal_flip
 from diffdistill.models.conditioning import Batch, Conditioning
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -23,24 +21,34 @@ class ImageTensorDataset:
         num_classes: int | None = None,
         name: str = "images",
         class_names: tuple[str, ...] | None = None,
+        xflip: bool = False,
     ):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         if labels is not None and labels.shape[0] != images.shape[0]:
             raise ValueError("images and labels differ in length")
+        if not isinstance(xflip, bool):
+            raise ValueError(f"data.xflip must be true or false, got {xflip!r}")
         self.images, self.labels, self.name, self.class_names = images, labels, name, class_names
         self.num_classes = num_classes if labels is not None else None
+        self.xflip = xflip
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        """Samples served: with ``xflip`` twice the images, the second half mirrored (see ``data/transforms.py``)."""
+        return self.images.shape[0] * (2 if self.xflip else 1)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
     def get(self, idx: Tensor) -> Batch:
-        x0 = self.images[idx].float() / 127.5 - 1.0
-        labels = self.labels[idx] if self.labels is not None else None
+        raw = idx % self.images.shape[0] if self.xflip else idx
+        images = self.images[raw]
+        if self.xflip:  # the second half of the indices are the mirror images
+            flipped = idx >= self.images.shape[0]
+            images[flipped] = horizontal_flip(images[flipped])
+        x0 = images.float() / 127.5 - 1.0
+        labels = self.labels[raw] if self.labels is not None else None
         return Batch(x0, Conditioning(class_labels=labels))
 
     def uint8(self, idx: Tensor | slice) -> Tensor:
@@ -48,43 +56,27 @@ class ImageTensorDataset:
 
 
 def ImageFolder(
-    root: str, resolution: int, channels: int = 3, class_subfolders: bool = False, limit: int | None = None
+    root: str,
+    resolution: int,
+    channels: int = 3,
+    class_subfolders: bool = False,
+    limit: int | None = None,
+    resize: str = "center_crop",
+    xflip: bool = False,
 ) -> ImageTensorDataset:
-    """A plain folder of images (recursively), centre-cropped and resized to ``resolution``.
+    """A plain folder of images (recursively), decoded into memory (``data/transforms.py``: centre-cropped and resized
+    to ``resolution``, or with ``resize="none"`` required to have that size); ``xflip`` adds mirrored copies.
 
-    With ``class_subfolders=True`` each first-level subfolder is a class (sorted by name).
+    With ``class_subfolders=True`` each first-level subfolder is a class (sorted by name). For folders too large for
+    memory, :class:`~diffdistill.data.streaming.ImageFolderStream` decodes the same pixels on demand.
     """
-    from PIL import Image
+    from diffdistill.data.streaming import ImageFolderStream
 
-    root_p = Path(root)
-    if not root_p.is_dir():
-        raise FileNotFoundError(f"image folder '{root}' does not exist")
-    files = sorted(p for p in root_p.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if limit is not None:
-        files = files[:limit]
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under '{root}'")
-    classes = sorted({p.relative_to(root_p).parts[0] for p in files}) if class_subfolders else None
-    arrays, labels = [], []
-    mode = {1: "L", 3: "RGB"}[channels]
-    for p in files:
-        im = Image.open(p).convert(mode)
-        w, h = im.size
-        s = min(w, h)
-        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        im = im.resize((resolution, resolution), Image.BICUBIC)
-        a = np.asarray(im, dtype=np.uint8)
-        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-        if classes is not None:
-            labels.append(classes.index(p.relative_to(root_p).parts[0]))
-    images = torch.from_numpy(np.stack(arrays))
-    lab = torch.tensor(labels) if classes is not None else None
+    folder = ImageFolderStream(root, resolution, channels, class_subfolders, resize, xflip, limit, num_workers=0)
+    images = torch.stack([folder[i][0] for i in range(folder.num_raw())])
+    labels = torch.tensor(folder.labels) if folder.labels is not None else None
     return ImageTensorDataset(
-        images,
-        lab,
-        len(classes) if classes else None,
-        name=f"folder-{root_p.name}-{resolution}",
-        class_names=tuple(classes) if classes else None,
+        images, labels, folder.num_classes, name=folder.name, class_names=folder.class_names, xflip=xflip
     )
 
 
@@ -116,6 +108,12 @@ class InfiniteBatcher:
         idx = self._permutation()[self.offset : self.offset + self.batch_size]
         self.offset += self.batch_size
         return idx
+
+    def advance(self) -> None:
+        """Move past one batch as :meth:`next_indices` does, without drawing the permutation."""
+        if self.offset + self.batch_size > len(self.dataset):
+            self.epoch, self.offset, self._perm = self.epoch + 1, 0, None
+        self.offset += self.batch_size
 
     def next(self) -> Batch:
         return self.dataset.get(self.next_indices())

@@ -91,8 +91,9 @@ class GaussianDenoiser(Denoiser):
 class GaussianMixtureDenoiser(Denoiser):
     """Exact denoiser of a mixture of isotropic Gaussians ``sum_k pi_k N(mu_k, s_k^2 I)`` on flat ``[B, d]`` data.
 
-    With ``class_labels`` in the conditioning the denoiser is that of component ``k`` alone
-    (class-conditional teacher); the null class ``K`` gives the full mixture.
+    With ``conditional`` (default) and ``class_labels`` in the conditioning the denoiser is that of component ``k``
+    alone (class-conditional teacher); the null class ``K`` gives the full mixture. ``conditional=False`` is the
+    teacher of unlabelled data: no classes (``num_classes = None``), labels are ignored.
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class GaussianMixtureDenoiser(Denoiser):
         sigma_data: float | None = None,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
+        conditional: bool = True,
     ):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float32)
@@ -112,7 +114,8 @@ class GaussianMixtureDenoiser(Denoiser):
         self.register_buffer("means", means)
         self.register_buffer("stds", stds)
         self.register_buffer("weights", weights / weights.sum())
-        self.num_classes = K
+        self.conditional = bool(conditional)
+        self.num_classes = K if conditional else None
         second = (self.weights * (stds**2 * means.shape[1] + (means**2).sum(1))).sum() / means.shape[1]
         self.sigma_data = float(sigma_data if sigma_data is not None else second.sqrt())
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
@@ -126,6 +129,7 @@ class GaussianMixtureDenoiser(Denoiser):
             "sigma_data": self.sigma_data,
             "sigma_min": self.sigma_min,
             "sigma_max": self.sigma_max,
+            "conditional": self.conditional,
         }
 
     @property
@@ -145,10 +149,11 @@ class GaussianMixtureDenoiser(Denoiser):
         shrink = (self.stds[None] ** 2 / var)[..., None]  # [B, K, 1]
         comp = self.means[None] + shrink * (x[:, None, :] - self.means[None])  # [B, K, d]
         w = self.log_responsibilities(x, sigma).exp()
-        labels = cond.class_labels
+        labels = cond.class_labels if self.conditional else None
         if labels is not None:
-            onehot = torch.nn.functional.one_hot(labels.long().clamp(max=self.num_classes - 1), self.num_classes).to(x)
-            is_null = (labels == self.num_classes)[:, None]
+            K = len(self.weights)
+            onehot = torch.nn.functional.one_hot(labels.long().clamp(max=K - 1), K).to(x)
+            is_null = (labels == K)[:, None]
             w = torch.where(is_null, w, onehot)
         return (w[..., None] * comp).sum(1)
 

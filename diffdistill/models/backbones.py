@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from diffdistill.models.conditioning import Conditioning
@@ -259,11 +260,19 @@ class MLPBackbone(nn.Module):
     def sample_shape(self) -> tuple[int]:
         return (self.dim,)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each residual block's activations in the backward pass (``torch.utils.checkpoint``)."""
+        self.gradient_checkpointing = True
+
     def forward(self, x_in: Tensor, c_noise: Tensor, cond: Conditioning) -> Tensor:
         e = self._embed(c_noise, cond, x_in.shape[0], x_in.device)
         h = self.inp(x_in) + e
+        recompute = getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled()
         for blk in self.blocks:
-            h = h + blk(h + e)
+            if recompute:
+                h = h + torch.utils.checkpoint.checkpoint(blk, h + e, use_reentrant=False)
+            else:
+                h = h + blk(h + e)
         return self.out(h)
 
     def features(self, x_in, c_noise, cond):

@@ -137,9 +137,12 @@ class Objective:
         return cls(**kwargs)
 
     @classmethod
-    def build_role(cls, name: str, teacher: nn.Module, roles: dict[str, nn.Module]) -> nn.Module:
+    def build_role(
+        cls, name: str, teacher: nn.Module, roles: dict[str, nn.Module], hparams: dict[str, Any] | None = None
+    ) -> nn.Module:
         """Build a role the generic builder does not know (it knows ``generator``, ``fake_score`` and
-        ``target_generator``); ``roles`` holds those built so far."""
+        ``target_generator``); ``roles`` holds those built so far, ``hparams`` the objective's config values
+        (nested mappings included, e.g. DMD2's ``discriminator_heads``; empty for code that builds roles by hand)."""
         raise ValueError(f"objective '{cls.name}' declares role '{name}' but does not build it (override build_role)")
 
     def generator_loss(self, batch, step: int) -> LossOutput:

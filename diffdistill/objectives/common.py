@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffdistill.conventions import append_dims
+from diffdistill.conventions import append_dims, noise_scale
 from diffdistill.models.denoiser import edm_loss_weight
 
 
@@ -67,6 +67,34 @@ def dm_timestep_grid(schedule, teacher, min_step_percent: float, max_step_percen
     return sigmas, k_min, k_max
 
 
+def backward_simulation(
+    denoise,
+    x: Tensor,
+    sigma: Tensor,
+    n_steps: int,
+    cond,
+    next_sigma,
+    grad: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Few-step student samples as training inputs (DMD2 §4.4, arXiv:2405.14867; rCM's score regulariser).
+
+    From ``x`` at ``sigma`` (pure noise ``sigma_init z``), ``n_steps`` calls ``x0 = denoise(x, sigma, cond)``; between
+    calls the sample is re-noised, ``x = x0 + sigma' eps`` with fresh noise at ``sigma' = next_sigma(i, sigma)``.
+    Only the last call builds a graph (when ``grad``), so the gradient reaches the student through that call alone.
+    Returns ``(x0, sigma)`` of the last call.
+    """
+    if n_steps < 1:
+        raise ValueError(f"backward simulation needs at least one student step, got {n_steps}")
+    for i in range(n_steps):
+        last = i == n_steps - 1
+        with torch.set_grad_enabled(grad and last):
+            x0 = denoise(x, sigma, cond)
+        if not last:
+            sigma = next_sigma(i, sigma)
+            x, _ = add_noise(x0.detach(), sigma)
+    return x0, sigma
+
+
 def pseudo_huber(diff: Tensor, c: float) -> Tensor:
     """Pseudo-Huber on the flattened per-sample norm ``sqrt(||d||^2 + c^2) - c`` (Song & Dhariwal 2023, Eq. 10)."""
     return (diff.flatten(1).pow(2).sum(1) + c**2).sqrt() - c
@@ -74,3 +102,12 @@ def pseudo_huber(diff: Tensor, c: float) -> Tensor:
 
 def sample_noise(shape: tuple[int, ...], batch: int, device, dtype=torch.float32) -> Tensor:
     return torch.randn(batch, *shape, device=device, dtype=dtype)
+
+
+def data_noise_scale(teacher, generator=None, match: bool = True) -> float:
+    """``c = sigma_data / 0.5`` of the teacher (the generator's when there is no teacher): the factor by which a
+    paper's noise levels, stated for ``sigma_data = 0.5``, are scaled (:func:`diffdistill.conventions.noise_scale`).
+    """
+    source = teacher if getattr(teacher, "sigma_data", None) is not None else generator
+    sigma_data = getattr(source, "sigma_data", None)
+    return noise_scale(sigma_data, match) if match and sigma_data is not None else 1.0

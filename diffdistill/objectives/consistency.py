@@ -25,7 +25,7 @@ from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.models.consistency import has_boundary_condition, wrap_boundary_condition
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
-from diffdistill.objectives.common import add_noise, per_sample_mean, pseudo_huber
+from diffdistill.objectives.common import data_noise_scale, add_noise, per_sample_mean, pseudo_huber
 from diffdistill.schedules.karras import karras_sigmas
 
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")
@@ -189,6 +189,8 @@ class ConsistencyDistillation(Objective):
         guidance_scale: teacher CFG scale ``w`` (``None``: the teacher's own).
         lpips_net, lpips_weights: LPIPS trunk and the path of its state dict (``"random"`` for tests).
         boundary_condition: wrap the student in the boundary-condition parametrisation.
+        match_sigma_data: ``sigma_min``, ``sigma_max`` are the paper's for ``sigma_data = 0.5``; scale them by the
+            teacher's ``sigma_data / 0.5`` (:func:`~diffdistill.conventions.noise_scale`; exact at 0.5).
     """
 
     name = "cd"
@@ -214,6 +216,7 @@ class ConsistencyDistillation(Objective):
         lpips_net: str = "vgg",
         lpips_weights: str | None = None,
         boundary_condition: bool = True,
+        match_sigma_data: bool = True,
     ):
         if num_scales < 2:
             raise ValueError(f"num_scales must be >= 2, got {num_scales}")
@@ -223,7 +226,8 @@ class ConsistencyDistillation(Objective):
             raise ValueError(f"unknown distance '{distance}' (one of {DISTANCES})")
         cd_weight(torch.ones(1), weighting, 0.5)  # validates the name
         self.teacher, self.generator = teacher, generator
-        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+        c = data_noise_scale(teacher, generator, match_sigma_data)
+        self.sigma_min, self.sigma_max, self.rho = c * float(sigma_min), c * float(sigma_max), float(rho)
         self.num_scales, self.target_ema = int(num_scales), float(target_ema)
         self.distance, self.huber_c, self.weighting = distance, huber_c, weighting
         self.guidance_scale = guidance_scale
@@ -236,10 +240,18 @@ class ConsistencyDistillation(Objective):
         self.sigmas = karras_sigmas(self.num_scales, self.sigma_min, self.sigma_max, self.rho)  # descending
 
     @classmethod
-    def prepare_student(cls, generator: nn.Module, sigma_min: float = 0.002, boundary_condition: bool = True) -> None:
+    def prepare_student(
+        cls,
+        generator: nn.Module,
+        sigma_min: float = 0.002,
+        boundary_condition: bool = True,
+        teacher: nn.Module | None = None,
+        match_sigma_data: bool = True,
+    ) -> None:
         """The boundary-condition parametrisation ``f(x, sigma_min) = x`` (Song et al. 2023, Eq. 5 / App. C)."""
         if boundary_condition:
-            wrap_boundary_condition(generator, float(sigma_min))
+            c = data_noise_scale(teacher, generator, match_sigma_data)
+            wrap_boundary_condition(generator, c * float(sigma_min))
 
     # ------------------------------------------------------------------------------------------
     def sample_pair(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -24,7 +24,7 @@ from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.models.consistency import wrap_boundary_condition
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
-from diffdistill.objectives.common import pseudo_huber
+from diffdistill.objectives.common import data_noise_scale, pseudo_huber
 from diffdistill.objectives.consistency import RNGState, default_huber_c, require_boundary_condition
 from diffdistill.schedules.karras import karras_sigmas
 
@@ -86,6 +86,9 @@ class ICT(Objective):
         P_mean, P_std: discrete log-normal pair sampling (-1.1, 2.0).
         huber_c: pseudo-Huber ``c`` (``None``: ``0.00054 sqrt(D)``).
         boundary_condition: wrap the student so that ``f(x, sigma_min) = x``.
+        match_sigma_data: the grid and ``P_mean`` are the paper's for ``sigma_data = 0.5``; with the teacher's
+            ``c = sigma_data / 0.5`` use ``[c sigma_min, c sigma_max]`` and ``P_mean + ln c``
+            (:func:`~diffdistill.conventions.noise_scale`; exact at 0.5).
     """
 
     name = "ict"
@@ -107,20 +110,30 @@ class ICT(Objective):
         P_std: float = 2.0,
         huber_c: float | None = None,
         boundary_condition: bool = True,
+        match_sigma_data: bool = True,
     ):
         self.generator, self.teacher = generator, teacher
-        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+        c = data_noise_scale(teacher, generator, match_sigma_data)
+        self.sigma_min, self.sigma_max, self.rho = c * float(sigma_min), c * float(sigma_max), float(rho)
         self.s0, self.s1, self.total_steps = int(s0), int(s1), int(total_steps)
-        self.P_mean, self.P_std, self.huber_c = float(P_mean), float(P_std), huber_c
+        self.P_mean, self.P_std, self.huber_c = float(P_mean) + math.log(c), float(P_std), huber_c
         if boundary_condition:
             require_boundary_condition(self, generator)
         self._grid: tuple[int, Tensor, Tensor] | None = None
 
     @classmethod
-    def prepare_student(cls, generator: nn.Module, sigma_min: float = 0.002, boundary_condition: bool = True) -> None:
+    def prepare_student(
+        cls,
+        generator: nn.Module,
+        sigma_min: float = 0.002,
+        boundary_condition: bool = True,
+        teacher: nn.Module | None = None,
+        match_sigma_data: bool = True,
+    ) -> None:
         """The boundary condition at ``sigma_min`` (Song & Dhariwal 2023, as in Song et al. 2023, Eq. 5)."""
         if boundary_condition:
-            wrap_boundary_condition(generator, float(sigma_min))
+            c = data_noise_scale(teacher, generator, match_sigma_data)
+            wrap_boundary_condition(generator, c * float(sigma_min))
 
     def grid(self, step: int) -> tuple[Tensor, Tensor]:
         """The ascending grid of ``N(step)`` points and its pair probabilities (cached per ``N``)."""
@@ -166,6 +179,9 @@ class ECT(Objective):
         huber_c: ``c`` of ``sqrt(||.||^2 + c^2) - c`` (0: the unsquared L2 norm, the default).
         weighting: ``"ect"`` = ``1/(t - r)`` (CIFAR-10) or ``"karras"`` = ``(t^2 + sigma_d^2)/(t sigma_d)^2``
             (``imgnet`` branch).
+        match_sigma_data: ``P_mean`` and ``r(t)`` are the paper's for ``sigma_data = 0.5``; with the teacher's
+            ``c = sigma_data / 0.5`` use ``P_mean + ln c`` and ``r = c r_paper(t / c)``
+            (:func:`~diffdistill.conventions.noise_scale`; exact at 0.5).
     """
 
     name = "ect"
@@ -186,17 +202,25 @@ class ECT(Objective):
         double_every: int = 25_000,
         huber_c: float = 0.0,
         weighting: str = "ect",
+        match_sigma_data: bool = True,
     ):
         if weighting not in ("ect", "karras"):
             raise ValueError(f"unknown weighting '{weighting}' (use 'ect' or 'karras')")
         ect_r(torch.ones(1), 0, q, k, b, mapping)  # validates the mapping
         self.generator, self.teacher = generator, teacher
-        self.P_mean, self.P_std = float(P_mean), float(P_std)
+        self.noise_scale = data_noise_scale(teacher, generator, match_sigma_data)
+        self.P_mean, self.P_std = float(P_mean) + math.log(self.noise_scale), float(P_std)
         self.q, self.k, self.b, self.mapping = float(q), float(k), float(b), mapping
         self.double_every, self.huber_c, self.weighting = int(double_every), float(huber_c), weighting
 
     def stage(self, step: int) -> int:
         return step // self.double_every
+
+    def r_of_t(self, t: Tensor, step: int) -> Tensor:
+        """The paired noise level ``r(t)`` of stage ``step // double_every``, in the data's units: the paper's
+        ``r`` (stated for ``sigma_data = 0.5``) carried by ``c``: ``c r_paper(t / c)``."""
+        c = self.noise_scale
+        return c * ect_r(t / c, self.stage(step), self.q, self.k, self.b, self.mapping)
 
     def generator_loss(self, batch: Batch, step: int) -> LossOutput:
         y, cond = batch.x0, batch.cond
@@ -204,7 +228,7 @@ class ECT(Objective):
             raise ValueError("ECT needs real samples (Batch.x0)")
         B = y.shape[0]
         t = (self.P_mean + self.P_std * torch.randn(B, device=y.device)).exp()
-        r = ect_r(t, self.stage(step), self.q, self.k, self.b, self.mapping)
+        r = self.r_of_t(t, step)
         eps = torch.randn_like(y)  # the same eps for both points
         rng = RNGState(y.device)
         pred = self.generator.denoise(y + append_dims(t, y.ndim) * eps, t, cond)

@@ -12,6 +12,8 @@ and saves the EMA denoiser as a teacher model folder.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import replace
 
 import torch
@@ -19,8 +21,10 @@ from torch import nn
 
 from diffdistill.models.conditioning import Batch, Conditioning
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
-from diffdistill.objectives.common import denoising_score_matching_loss
+from diffdistill.objectives.common import data_noise_scale, denoising_score_matching_loss
 from diffdistill.schedules.karras import LogNormalSigma
+
+log = logging.getLogger(__name__)
 
 
 @register_objective
@@ -33,6 +37,8 @@ class EDMDenoising(Objective):
             the teacher (continued training).
         teacher: unused by the loss (accepted so the trainer can pass every role; it only appears in sample grids).
         P_mean, P_std: the log-normal training density of sigma (-1.2, 1.2).
+        match_sigma_data: ``P_mean`` is the paper's for ``sigma_data = 0.5``; use ``P_mean + ln(sigma_data / 0.5)``
+            for the network's ``sigma_data`` (:func:`~diffdistill.conventions.noise_scale`; exact at 0.5).
         weighting: ``"edm"`` = ``lambda(sigma)`` above (the paper) or ``"none"`` (``lambda = 1``).
         label_dropout: probability of replacing a class label by the null class ``generator.num_classes`` (0 = off;
             the paper trains without guidance; 0.1 is the usual CFG setting).
@@ -58,17 +64,22 @@ class EDMDenoising(Objective):
         P_std: float = 1.2,
         weighting: str = "edm",
         label_dropout: float = 0.0,
+        match_sigma_data: bool = True,
     ):
         if weighting not in ("edm", "none"):
             raise ValueError(f"unknown weighting '{weighting}' (use 'edm' or 'none')")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
         if label_dropout > 0 and not generator.num_classes:
-            raise ValueError("label_dropout needs a class-conditional denoiser (num_classes set, with a null class)")
+            # the Fashion-MNIST recipe's 0.1 under an unconditional network (e.g. data=toy_gmm): nothing to drop
+            log.warning("objective.label_dropout=%g ignored: the denoiser is unconditional", label_dropout)
+            label_dropout = 0.0
         if label_dropout > 0 and not getattr(getattr(generator.denoiser, "net", None), "null_class", True):
             raise ValueError("label_dropout needs a denoiser with a null-class embedding; this one has none")
         self.generator, self.teacher = generator, teacher
-        self.sigma_sampler = LogNormalSigma(float(P_mean), float(P_std))
+        # the density of the network being trained: P_mean + ln(sigma_data / 0.5) (exact at 0.5)
+        shift = math.log(data_noise_scale(None, generator, match_sigma_data))
+        self.sigma_sampler = LogNormalSigma(float(P_mean) + shift, float(P_std))
         self.weighting = weighting
         self.label_dropout = float(label_dropout)
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from diffdistill.models.backbones import has_guidance_embedding
 from diffdistill.models.consistency import wrap_boundary_condition
 from diffdistill.objectives.base import Paper, PassCount, register_objective
+from diffdistill.objectives.common import data_noise_scale
 from diffdistill.objectives.consistency import ConsistencyDistillation, euler_step, heun_step
 from diffdistill.schedules.karras import karras_sigmas
 
@@ -34,13 +35,14 @@ def enable_guidance_embedding(module: nn.Module) -> bool:
     return found
 
 
-def lcm_grid(schedule, num_scales: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
-    """The ascending training grid: a DDPM schedule's ``T`` sigmas, a schedule's ``num_scales`` sigmas, or Karras."""
+def lcm_grid(schedule, num_scales: int, sigma_min: float, sigma_max: float, rho: float, c: float = 1.0) -> Tensor:
+    """The ascending training grid: a DDPM schedule's ``T`` sigmas (the model's own), else a Karras grid (a
+    schedule's ``num_scales`` sigmas, or ``[sigma_min, sigma_max]``) scaled by ``c = sigma_data / 0.5``."""
     if schedule is not None and hasattr(schedule, "alphas_cumprod"):
         return schedule.sigmas.float()
     if schedule is not None:
-        return schedule.sigmas(num_scales, ascending=True).float()
-    return karras_sigmas(num_scales, sigma_min, sigma_max, rho).flip(0)
+        return c * schedule.sigmas(num_scales, ascending=True).float()
+    return c * karras_sigmas(num_scales, sigma_min, sigma_max, rho).flip(0)
 
 
 @register_objective
@@ -63,6 +65,8 @@ class LCM(ConsistencyDistillation):
         embed_guidance: switch on the students' guidance embedding in place (backbones with
             ``enable_guidance_embedding``); the trainer must build the optimiser after the objective.
         boundary_condition: wrap the student with boundary ``sigma_0`` (the smallest grid sigma).
+        match_sigma_data: a Karras grid is the paper's for ``sigma_data = 0.5``; scale it by the teacher's
+            ``sigma_data / 0.5`` (:func:`~diffdistill.conventions.noise_scale`; exact at 0.5; DDPM grids are kept).
     """
 
     name = "lcm"
@@ -94,12 +98,14 @@ class LCM(ConsistencyDistillation):
         lpips_weights: str | None = None,
         embed_guidance: bool = True,
         boundary_condition: bool = True,
+        match_sigma_data: bool = True,
     ):
         if solver not in ("ddim", "heun"):
             raise ValueError(f"unknown solver '{solver}' (use 'ddim' or 'heun')")
         if not w_min <= w_max:
             raise ValueError(f"need w_min <= w_max, got {w_min}, {w_max}")
-        sigmas_asc = lcm_grid(schedule, num_scales, sigma_min, sigma_max, rho)
+        c = data_noise_scale(teacher, generator, match_sigma_data)
+        sigmas_asc = lcm_grid(schedule, num_scales, sigma_min, sigma_max, rho, c)
         if not 1 <= skipping_step < len(sigmas_asc):
             raise ValueError(f"skipping_step must lie in [1, {len(sigmas_asc) - 1}], got {skipping_step}")
         # the guidance embedding is switched on by prepare_student (recorded in the student's config)
@@ -121,6 +127,7 @@ class LCM(ConsistencyDistillation):
             lpips_net=lpips_net,
             lpips_weights=lpips_weights,
             boundary_condition=boundary_condition,
+            match_sigma_data=False,  # the grid above is already in the data's units
         )
         if target_generator is not None:
             self.target_generator.load_state_dict(self.generator.state_dict())
@@ -145,6 +152,7 @@ class LCM(ConsistencyDistillation):
         w_max: float = 15.0,
         embed_guidance: bool = True,
         boundary_condition: bool = True,
+        match_sigma_data: bool = True,
     ) -> None:
         """Switch on the student's guidance embedding (LCM §4.2; zero-initialised, so the output is unchanged) and
         record its training range ``[w_min, w_max]``, then add the boundary condition at the smallest grid sigma.
@@ -154,7 +162,8 @@ class LCM(ConsistencyDistillation):
         if embed_guidance and enable_guidance_embedding(generator) and hasattr(generator, "set_guidance"):
             generator.set_guidance(w_min, w_max)
         if boundary_condition:
-            boundary = float(lcm_grid(schedule, num_scales, sigma_min, sigma_max, rho)[0])
+            c = data_noise_scale(teacher, generator, match_sigma_data)
+            boundary = float(lcm_grid(schedule, num_scales, sigma_min, sigma_max, rho, c)[0])
             wrap_boundary_condition(generator, boundary)
 
     def sample_pair(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:

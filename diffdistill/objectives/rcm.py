@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch, Conditioning
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
-from diffdistill.objectives.common import add_noise, dm_timestep_grid, karras_index_sigmas
+from diffdistill.objectives.common import add_noise, backward_simulation, dm_timestep_grid, karras_index_sigmas
 from diffdistill.objectives.dmd import dmd_gradient
 from diffdistill.objectives.scm import SCM
 from diffdistill.schedules.karras import KarrasSchedule
@@ -74,7 +74,8 @@ class RCM(Objective):
         max_student_steps: backward simulation uses ``(iter mod max_student_steps) + 1`` student steps (rCM: 4).
         scm_weight, dmd_weight: 100 and 1 (rCM's per-sample sums).
         min_step_percent, max_step_percent: ``p_D`` as a fraction of the grid (DMD2: 0.02, 0.98).
-        jvp_backend, fd_step, jvp_fp32, tangent_norm_c: as in :class:`~diffdistill.objectives.scm.SCM`.
+        jvp_backend, fd_step, jvp_fp32, tangent_norm_c, match_sigma_data: as in
+            :class:`~diffdistill.objectives.scm.SCM`.
     """
 
     name = "rcm"
@@ -107,6 +108,7 @@ class RCM(Objective):
         fd_step: float = 1e-3,
         jvp_fp32: bool = True,
         tangent_norm_c: float = 0.1,
+        match_sigma_data: bool = True,
     ):
         if period < 2 or max_student_steps < 1:
             raise ValueError(f"need period >= 2 and max_student_steps >= 1, got {period}, {max_student_steps}")
@@ -127,6 +129,7 @@ class RCM(Objective):
             tangent_norm_c=tangent_norm_c,
             tangent_norm="l2",
             adaptive_weighting=False,
+            match_sigma_data=match_sigma_data,
         )
         self.guidance_scale = guidance_scale
         self.sigmas, self.k_min, self.k_max = dm_timestep_grid(schedule, teacher, min_step_percent, max_step_percent)
@@ -148,13 +151,15 @@ class RCM(Objective):
         device = batch.x0.device
         sigma = torch.full((n,), float(self.generator.sigma_init), device=device)
         x = append_dims(sigma, batch.x0.ndim) * torch.randn_like(batch.x0)
-        for i in range(n_steps):
-            last = i == n_steps - 1
-            with torch.set_grad_enabled(grad and last):
-                x0 = self.generator.denoise(x, sigma, cond)
-            if not last:
-                sigma = torch.minimum(sigma, self.sample_p_D(n, device))
-                x, _ = add_noise(x0.detach(), sigma)
+        x0, _ = backward_simulation(
+            self.generator.denoise,
+            x,
+            sigma,
+            n_steps,
+            cond,
+            lambda i, s: torch.minimum(s, self.sample_p_D(n, device)),
+            grad,
+        )
         return x0, cond
 
     def generator_loss(self, batch: Batch, step: int) -> LossOutput:

@@ -17,6 +17,7 @@ The student is any EDM-convention denoiser: an EDM-preconditioned network is exa
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,7 @@ from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.models.consistency import AdaptiveWeight, trigflow_F
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
-from diffdistill.objectives.common import per_sample_mean
+from diffdistill.objectives.common import data_noise_scale, per_sample_mean
 from diffdistill.objectives.consistency import RNGState
 
 JVP_BACKENDS = ("autograd", "finite_difference")
@@ -137,6 +138,9 @@ class SCM(Objective):
         adaptive_weighting: learn ``w_phi(t)`` (a submodule ``generator.adaptive_weight``, trained with the
             generator's optimiser; attached in place if missing).
         adaptive_weight_channels: Fourier features of ``w_phi``.
+        match_sigma_data: ``P_mean`` is the paper's for ``sigma_d = 0.5``; with the teacher's
+            ``c = sigma_data / 0.5`` use ``P_mean + ln c``, so that ``t`` has the paper's density
+            (:func:`~diffdistill.conventions.noise_scale`; exact at 0.5).
     """
 
     name = "scm"
@@ -163,6 +167,7 @@ class SCM(Objective):
         tangent_norm: str = "l2",
         adaptive_weighting: bool = True,
         adaptive_weight_channels: int = 128,
+        match_sigma_data: bool = True,
     ):
         if mode not in ("scd", "sct"):
             raise ValueError(f"unknown mode '{mode}' (use 'scd' or 'sct')")
@@ -175,7 +180,8 @@ class SCM(Objective):
         if tangent_norm not in ("l2", "rms"):
             raise ValueError(f"unknown tangent_norm '{tangent_norm}' (use 'l2' or 'rms')")
         self.teacher, self.generator, self.mode = teacher, generator, mode
-        self.P_mean, self.P_std, self.guidance_scale = float(P_mean), float(P_std), guidance_scale
+        c = data_noise_scale(teacher, generator, match_sigma_data)
+        self.P_mean, self.P_std, self.guidance_scale = float(P_mean) + math.log(c), float(P_std), guidance_scale
         self.jvp_backend, self.fd_step, self.jvp_fp32 = jvp_backend, float(fd_step), bool(jvp_fp32)
         self.tangent_warmup_steps, self.warmup_variant = int(tangent_warmup_steps), warmup_variant
         self.tangent_norm_c, self.tangent_norm = float(tangent_norm_c), tangent_norm

@@ -125,6 +125,36 @@ def check_student(student: DictConfig) -> None:
             raise ValueError(f"student.lora.rank must be an integer >= 1, got {rank!r}")
 
 
+def check_network_key(node, key: str) -> None:
+    """``key`` (``student.denoiser``, ``fake_score.denoiser``) is null or a ``_target_`` config."""
+    if node is not None and not (isinstance(node, DictConfig) and "_target_" in node):
+        raise ValueError(f"{key} must be null (a copy of the teacher) or a _target_ config, got {node!r}")
+
+
+def _network(node: DictConfig | None, teacher: Teacher, what: str) -> nn.Module | None:
+    """The role network of ``node`` (``None`` for null); a partial builder (``_partial_: true``, e.g.
+    :func:`diffdistill.models.fit.fit_to_teacher`) is given the teacher."""
+    if node is None:
+        return None
+    net = _instantiate(node, what)
+    if isinstance(net, functools.partial):
+        try:
+            net = net(teacher=teacher)
+        except ValueError as e:
+            raise ValueError(f"{what}: {_one_line(e)}") from None
+    return net
+
+
+def require_weights(role: nn.Module, key: str, what: str) -> None:
+    """A trainable role without trainable parameters (a copy of a weightless analytic teacher) fails naming the
+    config key that gives it a network."""
+    if not any(p.requires_grad for p in role.parameters()):
+        raise ValueError(
+            f"the {what} has no trainable parameters: the teacher has no network weights to copy (backbone=analytic?)."
+            f" Give it a network with {key}=<_target_ config>, e.g. {key.replace('.', '/')}=toy_mlp for flat toy data"
+        )
+
+
 def build_teacher(backbone: DictConfig, dataset) -> Teacher:
     """``backbone`` builds a :class:`Teacher` (or a partial that takes ``dataset``, for analytic teachers)."""
     teacher = _instantiate(backbone, "teacher (backbone group)", "backbone")
@@ -190,6 +220,7 @@ def build_roles(
     student: DictConfig,
     hparams: dict[str, Any] | None = None,
     schedule=None,
+    fake_score: DictConfig | None = None,
 ) -> dict[str, nn.Module]:
     """Build the trainable and frozen roles the objective declares (each initialised from the teacher).
 
@@ -197,10 +228,15 @@ def build_roles(
     with ``share_base`` (default) it shares the teacher's weights. Then the objective prepares the student
     (:meth:`Objective.prepare_student`, given the objective's hyperparameters ``hparams``). Other roles are built
     afterwards, so DMD's fake score copies the *base* network and CD/LCM's target copies the prepared student.
+    ``fake_score.denoiser`` (a ``_target_`` config; ``None`` = a trainable copy of the teacher) is the fake score's
+    network. A teacher without weights (``backbone=analytic``) has no network to copy: the student and the fake
+    score then need their own (``student.denoiser``, ``fake_score.denoiser``), and an error names the missing key.
     """
     check_student(student)
+    if fake_score is not None:
+        check_network_key(fake_score.get("denoiser"), "fake_score.denoiser")
     roles: dict[str, nn.Module] = {}
-    den = _instantiate(student.denoiser, "student network (student.denoiser)") if student.get("denoiser") else None
+    den = _network(student.get("denoiser"), teacher, "student network (student.denoiser)")
     sampling = list(student.sampling_sigmas) if student.get("sampling_sigmas") else None
     if student.get("lora"):
         roles["generator"] = Generator(_lora_student(teacher, student, den), student.sigma_init, sampling)
@@ -208,17 +244,23 @@ def build_roles(
         roles["generator"] = Generator(den, student.sigma_init, sampling)
     else:
         roles["generator"] = Generator.from_teacher(teacher, student.sigma_init, sampling)
+    require_weights(roles["generator"], "student.denoiser", "student")
     context = {"teacher": teacher, **({"schedule": schedule} if schedule is not None else {}), **(hparams or {})}
     objective_cls.prepare_student(roles["generator"], **objective_cls.student_hparams(context))
     for r in (*objective_cls.roles, *objective_cls.frozen_roles):
         if r in roles:
             continue
         if r == "fake_score":
-            roles[r] = FakeScore.from_teacher(teacher)
+            fake = fake_score.get("denoiser") if fake_score is not None else None
+            if fake is not None:
+                roles[r] = FakeScore(_network(fake, teacher, "fake-score network (fake_score.denoiser)").train())
+            else:
+                roles[r] = FakeScore.from_teacher(teacher)
+            require_weights(roles[r], "fake_score.denoiser", "fake score")
         elif r == "target_generator":  # frozen parts of the generator (a LoRA base) are shared, not copied
             roles[r] = copy_sharing_frozen(roles["generator"])
         else:
-            roles[r] = objective_cls.build_role(r, teacher=teacher, roles=roles)
+            roles[r] = objective_cls.build_role(r, teacher=teacher, roles=roles, hparams=dict(hparams or {}))
     for r in objective_cls.frozen_roles:
         roles[r].requires_grad_(False)
     return roles
@@ -289,8 +331,8 @@ def build_experiment(cfg: DictConfig, with_objective: bool = True) -> Experiment
     schedule = _instantiate(cfg.schedule, "schedule", "schedule") if cfg.get("schedule") else None
     hparams = OmegaConf.to_container(cfg.objective, resolve=True)
     check_objective_config(objective_cls, {k: v for k, v in hparams.items() if k[0] != "_"})
-    hparams = {k: v for k, v in hparams.items() if k[0] != "_" and not isinstance(v, dict)}
-    roles = build_roles(objective_cls, teacher, cfg.student, hparams, schedule)
+    hparams = {k: v for k, v in hparams.items() if k[0] != "_"}  # nested mappings too: build_role may read them
+    roles = build_roles(objective_cls, teacher, cfg.student, hparams, schedule, cfg.get("fake_score"))
     obj = make_objective(cfg.objective, objective_cls, teacher, roles, schedule) if with_objective else None
     return Experiment(teacher, roles, dataset, obj, objective_cls)
 

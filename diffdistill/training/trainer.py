@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffdistill.data.images import InfiniteBatcher
+from diffdistill.data.loader import DataStream
 from diffdistill.models.conditioning import Batch, Conditioning
 from diffdistill.objectives.base import Objective
 from diffdistill.sampling import heun_sample
@@ -39,7 +39,15 @@ from diffdistill.training.checkpoint import (
 )
 from diffdistill.training.ema import EMA
 from diffdistill.training.logging import LoggerConfig, MetricWindow, TrackerLogger, build_trackers
-from diffdistill.training.optim import OptimizerSpec
+from diffdistill.training.optim import OptimizerSpec, count_generator_updates
+from diffdistill.training.switches import (
+    check_role_switch,
+    compile_role,
+    enable_activation_checkpointing,
+    set_tf32,
+    switch_roles,
+    to_channels_last,
+)
 from diffdistill.utils.distributed import (
     all_true,
     any_true,
@@ -82,10 +90,17 @@ class TrainerConfig:
             run folder, or fresh) or a checkpoint path.
         max_nonfinite_streak: consecutive skipped updates before the run stops with an error.
         num_threads: ``torch.set_num_threads`` (CPU).
-        num_grid_samples: images in each sample grid.
+        num_grid_samples: images in each sample grid (flat toy data: points of each scatter, at least 1000).
         teacher_sample_steps: Heun steps of the teacher grid.
-        compile: ``torch.compile`` the trainable roles.
-        channels_last: memory format of image roles.
+        compile: ``torch.compile`` (``nn.Module.compile``) of roles' denoisers: ``true`` = every trainable role, or
+            a list of roles (``[generator]``).
+        channels_last: NHWC memory format of image roles: ``true`` = every trainable role, or a list of roles
+            (``[generator, teacher]``); helps convolutions on CUDA tensor cores in bf16/fp16, not on CPU.
+        gradient_checkpointing: activation checkpointing (recompute block activations in the backward pass):
+            ``true`` = every trainable role, or a list (``[generator, fake_score]``; ``teacher`` for objectives
+            that backpropagate through it). Same gradients, less activation memory, about one more forward.
+        tf32: TF32 matmuls and convolutions on CUDA for fp32 work (the fp32 parts of a bf16 run, fp32 runs);
+            no effect on CPU.
     """
 
     max_steps: int = 1000
@@ -107,15 +122,19 @@ class TrainerConfig:
     num_threads: int | None = None
     num_grid_samples: int = 32
     teacher_sample_steps: int = 18
-    compile: bool = False
-    channels_last: bool = False
+    compile: bool | list[str] = False
+    channels_last: bool | list[str] = False
     seed: int = 0
+    gradient_checkpointing: bool | list[str] = False
+    tf32: bool = False
 
     def __post_init__(self) -> None:
         """Types and ranges are checked when the run is built, each failure one line naming its key."""
         from diffdistill.utils.validate import check_types, require
 
         check_types(self, "trainer")
+        for key in ("compile", "channels_last", "gradient_checkpointing"):
+            setattr(self, key, check_role_switch(f"trainer.{key}", getattr(self, key)))
         require(self.max_steps >= 1, "trainer.max_steps", "must be >= 1", self.max_steps)
         require(self.batch_size >= 1, "trainer.batch_size", "must be >= 1", self.batch_size)
         require(
@@ -267,32 +286,57 @@ class DistillTrainer:
             roles[name].to(self.device)
         for module in objective.auxiliary_modules().values():
             module.to(self.device)
+        self._apply_switches()
+        updates = {}
+        if optim.needs_num_updates:  # a decaying LR schedule spans each role's updates in max_steps iterations
+            n_gen = count_generator_updates(objective.update_schedule, self.cfg.max_steps)
+            updates = {r: n_gen if r in self.generator_roles else self.cfg.max_steps for r in objective.roles}
         for name in objective.roles:
             module = roles[name]
-            if self.cfg.channels_last and module.sample_shape is not None and len(module.sample_shape) == 3:
-                module.to(memory_format=torch.channels_last)
-            opt, sched = optim.build(name, module)
+            opt, sched = optim.build(name, module, updates.get(name))
             # only the optimiser goes through accelerate (loss scaling); gradients are averaged by the trainer
             # itself across processes (diffdistill/utils/distributed.py), so roles stay plain modules
             self.optimizers[name], self.schedulers[name] = self.accelerator.prepare(opt), sched
         broadcast_parameters([roles[n] for n in (*objective.roles, *objective.frozen_roles)])
-        if self.cfg.compile:
-            for name in objective.roles:
-                den = getattr(roles[name], "denoiser", None)
-                if den is not None:
-                    roles[name].denoiser = torch.compile(den)
+        for name in switch_roles("trainer.compile", self.cfg.compile, objective.roles, self._switchable()):
+            if not compile_role(self._switch_target(name)):
+                log.warning("trainer.compile: role '%s' has no denoiser to compile; left eager", name)
         gen = roles["generator"]
         self.emas = {float(d): EMA(gen, float(d), warmup_steps=self.cfg.ema_warmup_steps) for d in self.cfg.ema_decays}
         # one global batch per iteration, the same on every process; micro-batch v takes slice v of it
         self.accumulation = self.cfg.gradient_accumulation_steps
         self.global_batch = self.cfg.batch_size * self.accumulation * self.world_size
         check_data_matches(dataset, roles["generator"], teacher, self.global_batch)
-        self.batcher = InfiniteBatcher(dataset, self.global_batch, seed=self.cfg.seed)
+        # this process's micro-batches (in-memory slices, or decoded by DataLoader workers), exactly resumable
+        self.data = DataStream(
+            dataset, self.cfg.batch_size, self.accumulation, self.world_size, self.rank, self.cfg.seed, self.device
+        )
         self.step = 0
         self.train_seconds = 0.0
         self.nonfinite = {"skipped": 0, "streak_generator": 0, "streak_critic": 0}
         self.last_good_checkpoint: Path | None = None
         self.interrupted: str | None = None  # the signal that stopped fit() early, if any
+
+    def _switchable(self) -> list[str]:
+        return list(dict.fromkeys([*self.roles, *self.objective.roles, *self.objective.frozen_roles, "teacher"]))
+
+    def _switch_target(self, name: str) -> nn.Module:
+        return self.teacher if name == "teacher" else self.roles[name]
+
+    def _apply_switches(self) -> None:
+        """The memory and speed switches of ``trainer`` (diffdistill/training/switches.py), per role."""
+        c, trainable, known = self.cfg, self.objective.roles, self._switchable()
+        if c.tf32:
+            log.info("trainer.tf32: %s", set_tf32(True, self.device))
+        for name in switch_roles("trainer.gradient_checkpointing", c.gradient_checkpointing, trainable, known):
+            # `true` skips roles with nothing to checkpoint (light discriminator heads); a named role must have one
+            if enable_activation_checkpointing(self._switch_target(name)) == 0 and c.gradient_checkpointing is not True:
+                raise ValueError(
+                    f"trainer.gradient_checkpointing: role '{name}' holds no network that supports activation "
+                    "checkpointing (diffusers models and diffdistill's MLP backbone do); remove it from the list"
+                )
+        for name in switch_roles("trainer.channels_last", c.channels_last, trainable, known):
+            to_channels_last(self._switch_target(name))
 
     # ------------------------------------------------------------------------------------------
     # state
@@ -307,7 +351,7 @@ class DistillTrainer:
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "ema_meta": {str(d): {"num_updates": e.num_updates, "decay": e.decay} for d, e in self.emas.items()},
             "objective_state": self.objective.state_dict(),
-            "data": self.batcher.state_dict(),
+            "data": self.data.state_dict(),
             "rng": rng_state(),
             "nonfinite": dict(self.nonfinite),
         }
@@ -376,7 +420,7 @@ class DistillTrainer:
             if float(d) in self.emas:
                 self.emas[float(d)].load_state_dict(sd)
         self.objective.load_state_dict(state.get("objective_state") or {})
-        self.batcher.load_state_dict(state["data"])
+        self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.nonfinite = dict(state.get("nonfinite", self.nonfinite))
         self.step = int(state["step"])
@@ -448,13 +492,7 @@ class DistillTrainer:
     def _micro_batches(self) -> list[tuple[int, Batch]]:
         """This process's micro-batches of the iteration, each with its virtual rank ``v`` (its slice of the
         global batch and its seeds; see diffdistill/utils/distributed.py)."""
-        idx = self.batcher.next_indices()
-        b = self.cfg.batch_size
-        out = []
-        for k in range(self.accumulation):
-            v = self.rank * self.accumulation + k
-            out.append((v, self.dataset.get(idx[v * b : (v + 1) * b]).to(self.device)))
-        return out
+        return self.data.next()
 
     def _update(self, names: tuple[str, ...], kind: str, loss_fn, micro: list[tuple[int, Batch]]) -> dict | None:
         """One optimiser step of ``names``: the loss of every micro-batch, each seeded by its virtual rank,
@@ -548,8 +586,9 @@ class DistillTrainer:
     # samples
 
     def _grid_inputs(self) -> tuple[torch.Tensor, Conditioning]:
-        n = self.cfg.num_grid_samples
         shape = self.roles["generator"].sample_shape
+        # points of flat (toy) data are cheap and a scatter of a few dozen shows no modes
+        n = self.cfg.num_grid_samples if len(shape) != 1 else max(self.cfg.num_grid_samples, 1000)
         z = torch.randn(n, *shape, generator=torch.Generator().manual_seed(12345))
         k = getattr(self.teacher, "num_classes", None)
         cond = Conditioning(class_labels=torch.arange(n) % k) if k else Conditioning()
@@ -606,21 +645,31 @@ class DistillTrainer:
         if student.ndim == 4:
             image = side_by_side_image(panels, labels, title)
             save_png(image, path)
-        elif student.ndim == 2 and student.shape[1] == 2:
+        elif student.ndim == 2:
             image = self._scatter(panels, labels, title, path)
         return stats, image
 
     def _scatter(self, panels: list[torch.Tensor], labels: list[str], title: str, path: Path):
-        """2-D samples as one labelled scatter plot per panel, saved to ``path``; returns the figure as an image."""
+        """Flat samples as one labelled scatter plot per panel (``d > 2``: projected on the two principal axes of
+        the first panel's samples), saved to ``path``; returns the figure as an image."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        panels = [p.float().cpu() for p in panels]
+        axis = ("x1", "x2")
+        if panels[0].shape[1] != 2:  # d > 2: the teacher panel's two principal axes, the same for every panel
+            ref = panels[0][torch.isfinite(panels[0]).all(1)]
+            basis = torch.linalg.svd(ref - ref.mean(0), full_matrices=False).Vh[:2].T
+            panels = [(p - ref.mean(0)) @ basis for p in panels]
+            axis = ("PC1 of the teacher's samples", "PC2")
         fig, ax = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), sharex=True, sharey=True, squeeze=False)
         for a, pts, label in zip(ax[0], panels, labels):
-            a.scatter(*pts.float().cpu().T, s=4)
+            a.scatter(*pts.T, s=2, alpha=0.5)
             a.set_title(label, fontsize=10)
+            a.set_xlabel(axis[0], fontsize=8)
+        ax[0][0].set_ylabel(axis[1], fontsize=8)
         fig.suptitle(title)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,9 @@ MANDATORY = {
     ("data", "image_folder"): "root",
     ("data", "cifar10"): "root",
     ("data", "imagenet64"): "root",
+    ("data", "image_folder_stream"): "root",
+    ("data", "webdataset"): "shards",
+    ("data", "hf_datasets"): "path",
     ("backbone", "diffusers_vp"): "path",
     ("backbone", "edm_diffusers"): "path",
 }

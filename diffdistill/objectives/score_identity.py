@@ -1,0 +1,176 @@
+"""Shared pieces of the objectives whose generator gradient flows *through* the teacher and the fake score.
+
+SiD (Zhou et al. 2024, arXiv:2404.04057; official code ``mingyuanzhou/SiD`` ``training/sid_loss.py``) and SIM
+(Luo et al. 2024, arXiv:2410.16794) share: the generator (one step from ``sigma_init z``, or one step of a k-step
+student), the truncated Karras noise levels of the generator loss, the fake-score denoising loss on detached
+generator samples, classifier-free guidance of either score (SiD-LSG, Zhou et al. 2024, arXiv:2406.01561), the
+dropping of non-finite samples and the sanitising of the gradient that reaches the generator's samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from diffdistill.conventions import append_dims, as_sigma, cfg_combine
+from diffdistill.models.conditioning import Batch, Conditioning
+from diffdistill.models.denoiser import edm_loss_weight
+from diffdistill.models.teacher import Teacher
+
+# ----------------------------------------------------------------------------------------------------------------
+# noise levels
+
+
+def truncated_karras_sigmas(
+    n: int,
+    t_max: float,
+    sigma_min: float,
+    sigma_max: float,
+    rho: float = 7.0,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """SiD's generator-loss noise levels: ``u ~ U[0, t_max / 1000]`` mapped through the Karras ramp
+    ``sigma = (s_max^(1/rho) + (1 - u)(s_min^(1/rho) - s_max^(1/rho)))^rho`` (``mingyuanzhou/SiD``
+    ``training/sid_loss.py``), so ``u = 0`` gives ``sigma_min`` and ``t_max = 800`` caps sigma at 24.41 (EDM range)."""
+    u = torch.rand(n, device=device) * (t_max / 1000.0)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + (1 - u) * (lo - hi)) ** rho
+
+
+def lognormal_sigmas(n: int, P_mean: float, P_std: float, device: torch.device | str = "cpu") -> Tensor:
+    """EDM training density ``ln sigma ~ N(P_mean, P_std^2)`` (Karras et al. 2022, Table 1)."""
+    return (P_mean + P_std * torch.randn(n, device=device)).exp()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the generator's samples
+
+
+def generate(generator: nn.Module, batch: Batch, num_steps: int, grad: bool) -> tuple[Tensor, int]:
+    """Generator samples ``x_g`` and the (0-based) student step that produced them.
+
+    One step (``num_steps = 1``): ``x_g = G(sigma_init z, sigma_init)``. A k-step student (its
+    ``sampling_sigmas`` has ``k`` entries) draws ``j ~ U{0..k-1}`` and returns the output of step ``j`` of its
+    multistep sampler (Song et al. 2023, Alg. 1: denoise, re-noise to the next sigma with fresh noise): steps before
+    ``j`` run without a graph, step ``j`` with one when ``grad``. Every intermediate output is an estimate of a clean
+    sample, so each is trained by the same loss (the backward-simulation idea of DMD2, Yin et al. 2024, §4.5).
+    """
+    device = next(generator.parameters()).device
+    z = torch.randn(batch.batch_size, *generator.sample_shape, device=device)
+    sigmas = generator.sampling_sigmas[:num_steps] if num_steps > 1 else [generator.sigma_init]
+    j = int(torch.randint(len(sigmas), ())) if len(sigmas) > 1 else 0
+    floor = float(getattr(generator, "renoise_floor", 0.0))
+    x = sigmas[0] * z
+    for i in range(j + 1):
+        with torch.set_grad_enabled(grad and i == j):
+            x0 = generator.denoise(x, as_sigma(sigmas[i], x.shape[0], device), batch.cond)
+        if i < j:  # (Song et al. 2023, Alg. 1, line 5) re-noise to the next sigma
+            x = x0 + math.sqrt(max(sigmas[i + 1] ** 2 - floor**2, 0.0)) * torch.randn_like(x0)
+    return x0, j
+
+
+def check_num_steps(generator: nn.Module, num_steps: int) -> None:
+    """A k-step objective needs a student with ``k`` sampling sigmas (the grid it is trained and sampled on)."""
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    have = len(getattr(generator, "sampling_sigmas", [None]))
+    if num_steps > 1 and have != num_steps:
+        raise ValueError(
+            f"num_steps={num_steps} needs student.sampling_sigmas with {num_steps} descending sigmas (got {have}), "
+            "e.g. student.sampling_sigmas=[2.5,1.0]"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scores with guidance, optionally checkpointed
+
+
+def guided_denoise(model: nn.Module, x: Tensor, sigma: Tensor, cond: Conditioning, w: float | None) -> Tensor:
+    """``x0_hat`` of the teacher or the fake score with CFG ``x0_u + w (x0_c - x0_u)`` (w = 1: none).
+
+    The teacher applies its own guidance (``w = None``: its configured scale). For the fake score SiD-LSG
+    (arXiv:2406.01561, §3) guides it like the teacher, from its own conditional and null-class outputs, batched as
+    one forward of ``[cond; uncond]``.
+    """
+    if isinstance(model, Teacher):
+        return model(x, sigma, cond, guidance_scale=w)
+    num_classes = getattr(model, "num_classes", None)
+    if w is None or w == 1.0 or cond.class_labels is None or num_classes is None:
+        return model(x, sigma, cond)
+    uncond = cond.with_null_class(num_classes)
+    both = model(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([cond, uncond]))
+    x0_c, x0_u = both.chunk(2)
+    return cfg_combine(x0_u, x0_c, w)
+
+
+def score_forward(
+    model: nn.Module, x: Tensor, sigma: Tensor, cond: Conditioning, w: float | None, use_checkpoint: bool
+) -> Tensor:
+    """:func:`guided_denoise`, under activation checkpointing when asked and a graph is being built: the forward's
+    activations are not kept, the backward recomputes them (one more forward, less memory)."""
+    if use_checkpoint and torch.is_grad_enabled() and x.requires_grad:
+        return checkpoint(guided_denoise, model, x, sigma, cond, w, use_reentrant=False)
+    return guided_denoise(model, x, sigma, cond, w)
+
+
+def guidance_passes(model: nn.Module, w: float | None) -> float:
+    """Forwards one guided call costs (2 with CFG on a class-conditional model, else 1)."""
+    if w is None:
+        w = getattr(model, "guidance_scale", 1.0)
+    return 2.0 if (getattr(model, "num_classes", None) is not None and w != 1.0) else 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# numerical guards (the official SiD code drops samples with NaNs and replaces non-finite gradients)
+
+
+def finite_samples(*xs: Tensor) -> Tensor:
+    """``[B]`` mask of the samples whose every element is finite in all of ``xs``."""
+    keep = torch.ones(xs[0].shape[0], dtype=torch.bool, device=xs[0].device)
+    for x in xs:
+        keep &= torch.isfinite(x.detach()).flatten(1).all(1)
+    return keep
+
+
+def keep_samples(x: Tensor, keep: Tensor) -> Tensor:
+    """``x`` with the dropped samples replaced by zeros (their loss is 0 and no gradient flows back to them)."""
+    return torch.where(append_dims(keep, x.ndim), x, torch.zeros_like(x))
+
+
+def sanitize_gradient(x: Tensor) -> Tensor:
+    """Replace non-finite entries of the gradient that flows back into ``x`` by 0 (a dropped sample may still
+    backpropagate ``0 * inf`` through a network); ``x`` itself is unchanged."""
+    if x.requires_grad:
+        x.register_hook(lambda g: torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0))
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fake score's loss
+
+
+def fake_score_loss(
+    fake_score: nn.Module,
+    x_g: Tensor,
+    cond: Conditioning,
+    P_mean: float = -1.2,
+    P_std: float = 1.2,
+    guidance_scale: float = 1.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """Per-sample ``lambda(sigma) sum ||f_psi(x_g + sigma n, sigma) - x_g||^2`` on detached samples, ``ln sigma ~
+    N(P_mean, P_std^2)``, ``lambda = 1/sigma^2 + 1/sigma_d^2`` (SiD Eq. 9 with EDM's weighting; summed over the
+    sample's elements as ``mingyuanzhou/SiD`` does). Samples with non-finite values count 0. ``guidance_scale``
+    is SiD-LSG's kappa_1: the fake score's guided prediction is what it fits.
+    """
+    x_g = x_g.detach()
+    sigma = lognormal_sigmas(x_g.shape[0], P_mean, P_std, x_g.device)
+    x_t = x_g + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
+    x0_fake = guided_denoise(fake_score, x_t, sigma, cond, guidance_scale)
+    keep = finite_samples(x_g, x0_fake)
+    # (SiD Eq. 9) EDM-weighted denoising score matching on generator samples
+    err = (keep_samples(x0_fake, keep) - keep_samples(x_g, keep)).pow(2).flatten(1).sum(1)
+    loss = edm_loss_weight(sigma, float(fake_score.sigma_data)) * err
+    return loss, {"fake_dsm": float(loss.detach().mean()), "fake_dropped": float((~keep).sum())}

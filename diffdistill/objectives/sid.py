@@ -1,0 +1,212 @@
+"""Score identity Distillation (SiD), its long-and-short guidance (SiD-LSG) and few-step SiD.
+
+Zhou et al., "Score identity Distillation: Exponentially Fast Distillation of Pretrained Diffusion Models for
+One-Step Generation" (ICML 2024, arXiv:2404.04057); Zhou et al., "Long and Short Guidance in Score identity
+Distillation for One-Step Text-to-Image Generation" (arXiv:2406.01561). Official code: ``mingyuanzhou/SiD``
+(``training/sid_loss.py``, ``training/sid_training_loop.py``) and ``mingyuanzhou/SiD-LSG``.
+
+Symbols -> paper (SiD §3-4):
+    x_g      = G_theta(sigma_init z), sigma_init = 2.5 (``generator``)
+    x_t      = x_g + sigma n, sigma from the Karras ramp truncated at t_max = 800 (``truncated_karras_sigmas``)
+    f_phi    = the teacher's x0 prediction at x_t (``teacher``; kappa_4 of LSG)
+    f_psi    = the fake score's x0 prediction at x_t (``fake_score``; kappa_2 = kappa_3 of LSG)
+    omega    = sg(max(1e-5, mean_{CHW} |x_g - f_phi|)), the per-sample normaliser
+    L_theta  = sum (f_phi - f_psi) * [(f_phi - x_g) - alpha (f_phi - f_psi)] / omega
+             = [(1 - alpha) ||f_phi - f_psi||^2 + (f_phi - f_psi)^T (f_psi - x_g)] / omega
+    L_psi    = lambda(sigma) ||f_psi(x_g + sigma n) - x_g||^2 on detached x_g, ln sigma ~ N(-1.2, 1.2^2) (kappa_1)
+The generator's gradient flows through x_t into both denoisers (their parameters frozen by the trainer for the
+update) and through x_g directly; this is what separates SiD from DMD, whose scores are evaluated without a graph.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from diffdistill.conventions import append_dims
+from diffdistill.models.conditioning import Batch
+from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
+from diffdistill.objectives.score_identity import (
+    check_num_steps,
+    fake_score_loss,
+    finite_samples,
+    generate,
+    guidance_passes,
+    keep_samples,
+    sanitize_gradient,
+    score_forward,
+    truncated_karras_sigmas,
+)
+
+SID_SIGMA_INIT = 2.5
+
+
+def sid_loss(x_g: Tensor, x0_real: Tensor, x0_fake: Tensor, alpha: float, omega: Tensor | None = None) -> Tensor:
+    """Per-sample SiD generator loss ``sum (f_phi - f_psi)[(f_phi - x_g) - alpha (f_phi - f_psi)] / omega``."""
+    diff = x0_real - x0_fake
+    # (SiD generator loss; mingyuanzhou/SiD training/sid_loss.py, generator_loss)
+    loss = (diff * ((x0_real - x_g) - alpha * diff)).flatten(1).sum(1)
+    return loss if omega is None else loss / omega
+
+
+def sid_normaliser(x_g: Tensor, x0_real: Tensor) -> Tensor:
+    """``omega = sg(max(1e-5, mean_{CHW} |x_g - f_phi|))``, ``[B]``."""
+    return (x_g - x0_real).detach().abs().flatten(1).mean(1).clamp(min=1e-5)
+
+
+def check_sigma_init(generator, objective: str) -> None:
+    """Warn when the student's one-step input noise is far from SiD's 2.5 (the default student's is EDM's 80)."""
+    s = float(getattr(generator, "sigma_init", SID_SIGMA_INIT))
+    if abs(math.log(s / SID_SIGMA_INIT)) > math.log(4.0):
+        warnings.warn(
+            f"{objective}: student.sigma_init={s:g}, but SiD's generator maps noise at sigma_init = 2.5 "
+            "(Zhou et al. 2024); set student.sigma_init=2.5 (the shipped sid/sim experiments do)",
+            stacklevel=3,
+        )
+
+
+@register_objective
+class SiD(Objective):
+    """SiD: the generator loss through the teacher and the fake score, the fake score by denoising score matching.
+
+    Args:
+        teacher: frozen teacher (inputs differentiable: the generator's gradient flows through it).
+        generator: the one-step (or ``num_steps``-step) student.
+        fake_score: trainable denoiser initialised from the teacher.
+        alpha: the SiD weight (1.2; 0.5 = the Fisher-divergence gradient including the sampling path, 1 = with
+            the sampling distribution held fixed; docs/invariants.md).
+        t_max: the largest noise level of the generator loss on the 1000-step Karras ramp (800 -> sigma <= 24.41).
+        rho: the Karras ramp exponent.
+        P_mean, P_std: the log-normal noise levels of the fake-score loss (EDM's -1.2, 1.2).
+        real_guidance_scale: CFG of the teacher in the generator loss (LSG kappa_4; ``None`` = the teacher's own).
+        fake_guidance_scale: CFG of the fake score in the generator loss (LSG kappa_2 = kappa_3; 1 = none).
+        fake_train_guidance_scale: CFG of the fake score in its own loss (LSG kappa_1; 1 = none).
+        generator_loss_scale: the generator loss multiplier (``lsg`` = 100 in the official scripts; Adam is nearly
+            invariant to it, gradient clipping is not).
+        normalize: divide by the per-sample normaliser omega (SiD); ``False`` gives the raw loss (toy checks).
+        num_steps: student steps; ``k > 1`` trains a k-step student (``student.sampling_sigmas`` of length ``k``)
+            with the SiD loss on the output of a random step ``j ~ U{1..k}`` (steps before it without a graph).
+        score_gradients: backpropagate through ``x_t`` into both denoisers (SiD). ``False`` detaches ``x_t`` (an
+            ablation: only the direct path through ``x_g`` remains).
+        checkpoint_scores: activation checkpointing of the teacher and fake-score forwards of the generator loss:
+            their activations are recomputed in the backward (one more forward of each, less memory).
+    """
+
+    name = "sid"
+    paper = Paper(
+        "Score identity Distillation: Exponentially Fast Distillation of Pretrained Diffusion Models for One-Step "
+        "Generation",
+        "2404.04057",
+        "Zhou et al.",
+        2024,
+    )
+    roles = ("generator", "fake_score")
+
+    def __init__(
+        self,
+        teacher,
+        generator,
+        fake_score,
+        alpha: float = 1.2,
+        t_max: float = 800.0,
+        rho: float = 7.0,
+        P_mean: float = -1.2,
+        P_std: float = 1.2,
+        real_guidance_scale: float | None = None,
+        fake_guidance_scale: float = 1.0,
+        fake_train_guidance_scale: float = 1.0,
+        generator_loss_scale: float = 100.0,
+        normalize: bool = True,
+        num_steps: int = 1,
+        score_gradients: bool = True,
+        checkpoint_scores: bool = False,
+    ):
+        if not 0.0 < t_max <= 1000.0:
+            raise ValueError(f"t_max must lie in (0, 1000], got {t_max}")
+        if not rho > 0:
+            raise ValueError(f"rho must be > 0, got {rho}")
+        if not P_std > 0:
+            raise ValueError(f"P_std must be > 0, got {P_std}")
+        if not generator_loss_scale > 0:
+            raise ValueError(f"generator_loss_scale must be > 0, got {generator_loss_scale}")
+        check_num_steps(generator, num_steps)
+        check_sigma_init(generator, self.name)
+        self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
+        self.alpha, self.t_max, self.rho = float(alpha), float(t_max), float(rho)
+        self.P_mean, self.P_std = float(P_mean), float(P_std)
+        self.real_guidance_scale = real_guidance_scale
+        self.fake_guidance_scale, self.fake_train_guidance_scale = float(fake_guidance_scale), float(
+            fake_train_guidance_scale
+        )
+        self.generator_loss_scale, self.normalize, self.num_steps = float(generator_loss_scale), bool(normalize), num_steps
+        self.score_gradients, self.checkpoint_scores = bool(score_gradients), bool(checkpoint_scores)
+        # 1:1, the fake score first (the official loop updates f_psi, then G_theta, each with fresh noise)
+        self.update_schedule = UpdateSchedule(1, generator_warmup_steps=1)
+
+    # ------------------------------------------------------------------------------------------
+    def sample_sigmas(self, n: int, device) -> Tensor:
+        return truncated_karras_sigmas(
+            n, self.t_max, float(self.teacher.sigma_min), float(self.teacher.sigma_max), self.rho, device
+        )
+
+    def scores(self, x_t: Tensor, sigma: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Teacher and fake-score predictions at ``x_t`` (with their LSG guidance scales)."""
+        ck = self.checkpoint_scores
+        x0_real = score_forward(self.teacher, x_t, sigma, batch.cond, self.real_guidance_scale, ck)
+        x0_fake = score_forward(self.fake_score, x_t, sigma, batch.cond, self.fake_guidance_scale, ck)
+        return x0_real, x0_fake
+
+    def generator_loss(self, batch: Batch, step: int) -> LossOutput:
+        x_g, j = generate(self.generator, batch, self.num_steps, grad=True)
+        x_g = sanitize_gradient(x_g)
+        sigma = self.sample_sigmas(x_g.shape[0], x_g.device)
+        x = x_g if self.score_gradients else x_g.detach()
+        x_t = x + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
+        x0_real, x0_fake = self.scores(x_t, sigma, batch)
+        # drop samples with non-finite values (as the official code does)
+        keep = finite_samples(x_g, x0_real, x0_fake)
+        x_g, x0_real, x0_fake = (keep_samples(t, keep) for t in (x_g, x0_real, x0_fake))
+        omega = sid_normaliser(x_g, x0_real)
+        loss = self.generator_loss_scale * sid_loss(x_g, x0_real, x0_fake, self.alpha, omega if self.normalize else None)
+        logs = {
+            "sid_sigma_mean": float(sigma.mean()),
+            "sid_omega_mean": float(omega.mean()),
+            "sid_score_gap": float((x0_real - x0_fake).detach().flatten(1).norm(dim=1).mean()),
+            "sid_dropped": float((~keep).sum()),
+        }
+        if self.num_steps > 1:
+            logs["student_step"] = float(j + 1)
+        return LossOutput(loss, logs)
+
+    def critic_loss(self, batch: Batch, step: int) -> LossOutput:
+        with torch.no_grad():  # fresh noise: SiD does not reuse the generator update's samples
+            x_g, _ = generate(self.generator, batch, self.num_steps, grad=False)
+        loss, logs = fake_score_loss(
+            self.fake_score, x_g, batch.cond, self.P_mean, self.P_std, self.fake_train_guidance_scale
+        )
+        return LossOutput(loss, logs)
+
+    # ------------------------------------------------------------------------------------------
+    def pass_count(self) -> PassCount:
+        return score_pass_count(self, fake_in_graph=True)
+
+
+def score_pass_count(obj, fake_in_graph: bool) -> PassCount:
+    """Passes of one SiD/SIM iteration: generator update (G fwd+bwd; teacher and fake forwards at ``x_t``, with
+    a backward to the input where they are in the graph) + fake update (G fwd without graph, fake fwd+bwd)."""
+    sim = (obj.num_steps - 1) / 2  # mean no-grad student calls before the trained one
+    real = guidance_passes(obj.teacher, obj.real_guidance_scale)
+    fake = guidance_passes(obj.fake_score, obj.fake_guidance_scale)
+    kappa1 = guidance_passes(obj.fake_score, obj.fake_train_guidance_scale)
+    graph = obj.score_gradients
+    through = real + (fake if fake_in_graph else 0.0)  # networks backpropagated to their input
+    no_graph = (0.0 if fake_in_graph else fake) if graph else real + fake
+    recompute = through if (graph and obj.checkpoint_scores) else 0.0
+    return PassCount(
+        forward=2 * sim + no_graph + 1.0 + recompute,
+        forward_grad=1.0 + (through if graph else 0.0) + kappa1,
+        backward=1.0 + (through if graph else 0.0) + kappa1,
+    )

@@ -1,0 +1,46 @@
+"""OmegaConf resolvers the shipped configs use (registered when :mod:`diffdistill.cli.common` is imported).
+
+``${dd.sigma_data:${data}}``: the ``sigma_data`` of the data config's dataset, so a network built for a toy
+dataset gets EDM's preconditioning for that data without the user computing it (Karras et al. 2022, App. B.6).
+Datasets whose class defines ``sigma_data`` (the toys of :mod:`diffdistill.data.toy`, cheap to build) are built
+to read it; other data (images scaled to ``[-1, 1]``) give the papers' 0.5 without being loaded.
+
+``${dd.num_classes:${data}}``: the number of classes of such a dataset (``None`` when unconditional).
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from diffdistill.conventions import PAPER_SIGMA_DATA
+
+
+def data_sigma_data(node: DictConfig) -> float:
+    """``sigma_data`` of the dataset that ``node`` (a data config with ``_target_``) builds."""
+    ds = _toy_dataset(node, "sigma_data")
+    return PAPER_SIGMA_DATA if ds is None else round(float(ds.sigma_data), 6)
+
+
+def _toy_dataset(node: DictConfig, what: str):
+    """The dataset of ``node`` when its class defines ``sigma_data`` (cheap toys), else ``None``."""
+    from hydra._internal.utils import _locate
+    from hydra.utils import instantiate
+
+    target = node.get("_target_") if OmegaConf.is_dict(node) else None
+    if target is None:
+        raise ValueError(f"dd.{what} needs a data config with a _target_, got {node!r}")
+    cls = _locate(str(target))
+    return instantiate(node) if isinstance(getattr(cls, "sigma_data", None), property) else None
+
+
+def data_num_classes(node: DictConfig) -> int | None:
+    """Classes of the toy dataset ``node`` builds (``None``: unconditional); other data: ``node.num_classes``."""
+    ds = _toy_dataset(node, "num_classes")
+    return getattr(ds, "num_classes", None) if ds is not None else node.get("num_classes")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("dd.sigma_data"):
+        OmegaConf.register_new_resolver("dd.sigma_data", data_sigma_data, use_cache=False)
+    if not OmegaConf.has_resolver("dd.num_classes"):
+        OmegaConf.register_new_resolver("dd.num_classes", data_num_classes, use_cache=False)
