@@ -78,6 +78,10 @@ NOTES: dict[str, str] = {
     "dmd": "DMD (v1 schedule 1:1 by default): generator fwd+bwd, teacher + fake fwd (no grad), fake fwd+bwd; the "
     "critic reuses the generator's samples of the same iteration; no GAN term",
     "ict": "consistency training: student fwd+bwd + stop-grad target fwd; teacher unused",
+    "dmd2": "DMD2 5:1 with the GAN term, per iteration over a 5-iteration cycle: 1 generator step (G fwd+bwd, teacher "
+    "+ fake fwd without grad, fake-score features fwd+bwd to the input for the GAN term) and 5 critic steps (fake "
+    "fwd+bwd DSM, fake-score features of [generated; real] at 2B fwd+bwd; 4 of them regenerate G without grad). "
+    "UNet features run the whole network (the decoder too), so the GAN passes cost full forwards",
     "rcm": "rCM after its warm-up, per iteration over a 5-iteration cycle: 1 student step (sCD term with autograd "
     "JVP + score regulariser on a backward-simulated sample of 1-4 student calls) and 4 critic steps (backward "
     "simulation without grad + fake fwd+bwd); the number of student calls cycles with the iteration",

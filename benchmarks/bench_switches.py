@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from _common import RESULTS, build_network, finish_info, machine_info, time_calls, write_result
-from bench_step import measure
+from bench_step import cycle, make_trainer, measure, paired_ratio
 
 from diffdistill.models.generator import Generator
 from diffdistill.training.ema import EMA
@@ -61,26 +61,49 @@ def row(net, label: str, objective: str | None, args, mode: str = "full", memory
 
 
 def checkpointing_rows(args) -> dict[str, Any]:
+    """Time as the median ratio over alternated (on, off) pairs of update cycles (robust to the machine's drifts),
+    step memory from one cycle of each in a fresh trainer."""
     net = build_network("fashion_mnist")
     rows = []
     for label, name in CHECKPOINT_CASES:
-        before = row(net, label, name, args, "full")
-        after = row(net, label, name, args, "checkpointing")
-        entry = {"objective": label, "off": before, "on": after}
-        if "ms_per_iteration" in before and "ms_per_iteration" in after:
-            entry["time_ratio_on_off"] = round(after["ms_per_iteration"] / before["ms_per_iteration"], 3)
-            pb, pa = (
-                before["memory_mib"].get("step_peak_above_static"),
-                after["memory_mib"].get("step_peak_above_static"),
-            )
-            if pb and pa:
-                entry["step_memory_ratio_on_off"] = round(pa / pb, 3)
+        a = step_args(args)
+        entry: dict[str, Any] = {"objective": label}
+        try:
+            mem = {m: measure(net, label, name, {}, a, m, timing=False, memory=True) for m in ("full", "checkpointing")}
+            with tempfile.TemporaryDirectory() as d_off, tempfile.TemporaryDirectory() as d_on:
+                off, on = (
+                    make_trainer(net, name, {}, a, d_off, "full"),
+                    make_trainer(net, name, {}, a, d_on, "checkpointing"),
+                )
+                p = paired_ratio(on.train_step, off.train_step, cycle(off), args.warmup, args.repeats, off.device)
+                del off, on
+        except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
+            rows.append({**entry, "error": f"{type(e).__name__}: {e}"})
+            continue
+        entry["off"] = {"ms_per_iteration": round(p["finetune_ms_median"], 2), "memory_mib": mem["full"]["memory_mib"]}
+        entry["on"] = {
+            "ms_per_iteration": round(p["objective_ms_median"], 2),
+            "memory_mib": mem["checkpointing"]["memory_mib"],
+        }
+        entry["time_ratio_on_off"] = round(p["ratio_median"], 3)
+        entry["time_ratio_range"] = [round(p["ratio_min"], 3), round(p["ratio_max"], 3)]
+        pb = entry["off"]["memory_mib"].get("step_peak_above_static")
+        pa = entry["on"]["memory_mib"].get("step_peak_above_static")
+        if pb and pa:
+            entry["step_memory_ratio_on_off"] = round(pa / pb, 3)
         print(
             f"  [checkpointing] {label}: time x{entry.get('time_ratio_on_off')}, "
-            f"step memory x{entry.get('step_memory_ratio_on_off')}"
+            f"step memory x{entry.get('step_memory_ratio_on_off')}",
+            flush=True,
         )
         rows.append(entry)
-    return {"switch": "trainer.gradient_checkpointing", "network": net.name, "batch_size": net.batch_size, "rows": rows}
+    return {
+        "switch": "trainer.gradient_checkpointing",
+        "network": net.name,
+        "batch_size": net.batch_size,
+        "timing": "median over alternated (on, off) pairs of one update cycle each",
+        "rows": rows,
+    }
 
 
 def ema_rows(args) -> dict[str, Any]:
@@ -103,7 +126,7 @@ def ema_rows(args) -> dict[str, Any]:
         )
         entry["identical_tracks"] = same
         entry["speedup"] = round(entry["loop"]["ms_per_update"] / entry["fused"]["ms_per_update"], 2)
-        print(f"  [ema] {name}: loop {entry['loop']}, fused {entry['fused']}, x{entry['speedup']}")
+        print(f"  [ema] {name}: loop {entry['loop']}, fused {entry['fused']}, x{entry['speedup']}", flush=True)
         rows.append(entry)
     return {"switch": "EMA.fused (default on)", "rows": rows}
 
@@ -137,7 +160,7 @@ def compile_rows(args) -> dict[str, Any]:
                 }
             except Exception as e:  # noqa: BLE001
                 out[label] = {"error": f"{type(e).__name__}: {e}"}
-        print(f"  [compile] {label}: {out[label]}")
+        print(f"  [compile] {label}: {out[label]}", flush=True)
     if "ms_per_iteration" in out.get("off", {}) and "ms_per_iteration" in out.get("generator", {}):
         out["speedup"] = round(out["off"]["ms_per_iteration"] / out["generator"]["ms_per_iteration"], 3)
     return {
@@ -160,7 +183,8 @@ def cuda_only_rows(args) -> dict[str, Any]:
                 "switch": "trainer.channels_last",
                 "applicable": False,
                 "reason": "NHWC pays off for cuDNN tensor-core convolutions in bf16/fp16; the CPU runs fp32 only "
-                "(no bf16 units, see peers.md) and the trainer keeps CPU runs in fp32",
+                "(this VM has no bf16 units: benchmarks/README.md, reduced-precision teacher) and the trainer "
+                "keeps CPU runs in fp32",
             },
         }
     net = build_network("fashion_mnist")

@@ -38,8 +38,13 @@ from diffdistill.objectives.base import OBJECTIVES
 # mixtures of other shapes, radii, widths, weights and dimensions than the project's own (circle8)
 MIXTURES: dict[str, dict[str, Any]] = {
     "circle8": {},  # data=toy_gmm as shipped: 8 modes on a circle of radius 2, std 0.1, 2-D
-    "grid9": {"layout": "grid", "num_components": 9, "radius": 1.5, "std": 0.15,
-              "weights": [3, 1, 2, 1, 3, 1, 2, 1, 3]},  # fmt: skip
+    "grid9": {
+        "layout": "grid",
+        "num_components": 9,
+        "radius": 1.5,
+        "std": 0.15,
+        "weights": [3, 1, 2, 1, 3, 1, 2, 1, 3],
+    },  # fmt: skip
     "ring5": {"num_components": 5, "radius": 4.0, "std": [0.2, 0.4, 0.3, 0.5, 0.25]},
     "d8k6": {"dim": 8, "num_components": 6, "radius": 1.5, "std": 0.2, "layout": "random", "seed": 3},
 }
@@ -57,8 +62,13 @@ def compose(objective: str, mixture: str, extra: list[str]):
     return compose_config([f"experiment=toy_gmm/{objective}", *data, "trainer.device=cpu", *extra])
 
 
-def two_step_sigmas(generator, sigma_data: float) -> list[float]:
-    return [float(generator.sigma_init), 0.821 * sigma_data / 0.5]
+# the intermediate sigma of two-step sampling, in units of c = sigma_data / 0.5: 0.821 is the CIFAR-10 two-step
+# point of Song et al. 2023 (Sec. 6); smaller ones re-noise less
+TWO_STEP_MIDS = (0.821, 0.4, 0.2)
+
+
+def two_step_sigmas(generator, sigma_data: float, mid: float) -> list[float]:
+    return [float(generator.sigma_init), mid * sigma_data / 0.5]
 
 
 def evaluate(trainer, dataset, reference, num: int) -> dict[str, float]:
@@ -68,8 +78,9 @@ def evaluate(trainer, dataset, reference, num: int) -> dict[str, float]:
     floor = reference.floor["sw2"]
     out: dict[str, float] = {}
     steps = {"one_step": None}
-    if trainer.objective.student_sampler != "heun":
-        steps["two_step"] = two_step_sigmas(gen, float(dataset.sigma_data))
+    if trainer.objective.few_step_student:
+        for mid in TWO_STEP_MIDS:
+            steps[f"two_step_{mid:g}"] = two_step_sigmas(gen, float(dataset.sigma_data), mid)
     with torch.random.fork_rng():
         for key, sigmas in steps.items():
             if trainer.objective.student_sampler == "heun":  # a denoiser (objective=edm): sampled like the teacher
@@ -81,7 +92,14 @@ def evaluate(trainer, dataset, reference, num: int) -> dict[str, float]:
             sw2 = r.scores["sw2"]
             out[f"{key}_sw2_over_floor"] = round(sw2 / floor, 3) if math.isfinite(sw2) else None
             out[f"{key}_mass_error_max"] = round(r.scores["mass_error_max"], 4)
+            # the mass between modes (beyond 3 std of every mode): what a continuous one-step map must bridge
+            out[f"{key}_bridge_fraction"] = round(1.0 - r.scores["high_quality_fraction"], 4)
     gen.train()
+    twos = [k for k in out if k.startswith("two_step_") and k.endswith("_sw2_over_floor") and out[k] is not None]
+    if twos:
+        best = min(twos, key=lambda k: out[k])
+        out["two_step_sw2_over_floor"] = out[best]
+        out["two_step_best_mid"] = float(best.split("_")[2])
     return out
 
 
@@ -108,6 +126,7 @@ def run_one(objective: str, mixture: str, args, reference_cache: dict) -> dict[s
                 "floor_mass_error_max": round(ref.floor["mass_error_max"], 4),
                 "teacher_heun18_sw2_over_floor": round(heun.scores["sw2"] / ref.floor["sw2"], 3),
                 "teacher_heun18_mass_error_max": round(heun.scores["mass_error_max"], 4),
+                "floor_bridge_fraction": round(1.0 - ref.floor["high_quality_fraction"], 4),
             })  # fmt: skip
         ref, info = reference_cache[mixture]
         t0 = time.perf_counter()
@@ -168,6 +187,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def merge(files: list[Path], out: Path) -> None:
+    """One result from several runs of this script (e.g. one process per mixture); later files win per row."""
+    import json
+
+    parts = [json.loads(f.read_text()) for f in files]
+    result = {**parts[0], "runs": [], "mixtures": {}, "machines": [p["machine"] for p in parts]}
+    rows: dict[tuple[str, str], dict] = {}
+    for part in parts:
+        result["mixtures"].update(part["mixtures"])
+        rows.update({(r["objective"], r["mixture"]): r for r in part["runs"]})
+    result["runs"] = list(rows.values())
+    write_result(out, result)
+    plot(result, out.with_suffix(".png"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--objectives", nargs="+", default=None)
@@ -178,7 +212,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--note", default="")
     ap.add_argument("--out", default=str(RESULTS / "toy_quality.json"))
+    ap.add_argument("--update", action="store_true", help="keep the other (objective, mixture) rows of --out")
+    ap.add_argument("--merge", nargs="+", default=None, help="combine these result files into --out (and plot)")
     args = ap.parse_args()
+    if args.merge:
+        return merge([Path(f) for f in args.merge], Path(args.out))
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("diffdistill").setLevel(logging.ERROR)
@@ -194,13 +232,22 @@ def main() -> None:
             "largest |mode mass - weight| (posterior assignment)",
             "one_step_bar": f"SW2 <= {ONE_STEP_BAR}x floor and mass error <= {MASS_BAR}",
             "two_step_bar": "SW2 <= the exact teacher's Heun-18 SW2",
-            "two_step_sigmas": "[sigma_init, 0.821 sigma_data / 0.5]",
+            "two_step_sigmas": "[sigma_init, m sigma_data / 0.5], m in TWO_STEP_MIDS (the best is reported)",
+            "two_step_mids": list(TWO_STEP_MIDS),
         },
         "mixtures": {},
         "runs": [],
     }
     cache: dict = {}
     out = Path(args.out)
+    if args.update and out.exists():  # rows of other runs of this script (e.g. one process per mixture)
+        import json
+
+        old = json.loads(out.read_text())
+        done = {(o, m) for o in names for m in args.mixtures}
+        result["runs"] = [r for r in old["runs"] if (r["objective"], r["mixture"]) not in done]
+        result["mixtures"] = {k: v for k, v in old["mixtures"].items()}
+        result["earlier_runs_machine"] = old.get("machine")
     for mixture in args.mixtures:
         for name in names:
             try:

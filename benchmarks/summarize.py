@@ -190,16 +190,96 @@ def compile_table(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def switches_table(r: dict[str, Any]) -> list[str]:
+    out = [_machine(r), ""]
+    ck = r.get("checkpointing")
+    if ck:
+        out += [
+            f"`{ck['switch']}` on {ck['network']} (batch {ck['batch_size']}): off / on",
+            "",
+            "| objective | ms / it off | ms / it on | time on/off | step memory MiB off | on | memory on/off |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in ck["rows"]:
+            off, on = row["off"], row["on"]
+            if "error" in off or "error" in on:
+                out.append(f"| {row['objective']} | failed: {(off.get('error') or on.get('error'))[:70]} | | | | | |")
+                continue
+            mo, mn = off["memory_mib"].get("step_peak_above_static"), on["memory_mib"].get("step_peak_above_static")
+            out.append(
+                f"| {row['objective']} | {off['ms_per_iteration']} | {on['ms_per_iteration']} | "
+                f"{row.get('time_ratio_on_off', '-')} | {mo} | {mn} | {row.get('step_memory_ratio_on_off', '-')} |"
+            )
+        out.append("")
+    ema = r.get("ema")
+    if ema:
+        out += [
+            "| EMA update | parameters | tensors | loop ms | fused ms | speed-up | same track |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for row in ema["rows"]:
+            out.append(
+                f"| {row['network']} | {row['parameters']:,} | {row['tensors']} | {row['loop']['ms_per_update']} | "
+                f"{row['fused']['ms_per_update']} | {row['speedup']} | {row['identical_tracks']} |"
+            )
+        out.append("")
+    comp = r.get("compile")
+    if comp:
+        rows = comp["rows"]
+        cells = [f"{k}: {v.get('ms_per_iteration', v.get('error', '-'))}" for k, v in rows.items() if k != "speedup"]
+        out += [f"`{comp['switch']}`, {comp['setup']}: ms / it {', '.join(cells)}; speed-up {rows.get('speedup')}", ""]
+    for key in ("tf32", "channels_last"):
+        if key in r and not r[key].get("applicable", True):
+            out.append(f"`{r[key]['switch']}`: not applicable here ({r[key]['reason']})")
+    return out
+
+
+def loader_table(r: dict[str, Any]) -> list[str]:
+    s = r["setup"]
+    out = [
+        _machine(r),
+        "",
+        f"{s['images']} PNG images, micro-batch {s['micro_batch']}; images/s of `DataStream` "
+        f"over {s['timed_seconds']} s",
+        "",
+        "| px | in memory (decode all once) | source | 0 workers | 1 worker | 2 workers |",
+        "|---:|---|---|---:|---:|---:|",
+    ]
+    for row in r["throughput"]:
+        m = row["in_memory"]
+        first = f"{m['images_per_s']:,.0f} img/s after {m['decode_all_s']} s ({m['uint8_mib']} MiB)"
+        for kind in ("image_folder_stream", "webdataset", "hf_datasets"):
+            if kind in row:
+                cells = [f"{row[kind][k]['images_per_s']:,.0f}" for k in sorted(row[kind])]
+                out.append(f"| {row['resolution']} | {first} | {kind} | " + " | ".join(cells) + " |")
+                first = ""
+    if r.get("keep_up"):
+        out += [
+            "",
+            "| px | network | workers | step ms | wait for data ms (median / max) | img/s needed | keeps up |",
+            "|---:|---|---:|---:|---:|---:|---|",
+        ]
+        for k in r["keep_up"]:
+            out.append(
+                f"| {k['resolution']} | {k['network']} | {k['workers']} | {k['step_ms_median']} | "
+                f"{k['wait_ms_median']} / {k['wait_ms_max']} | {k['images_per_s_needed']} | {k['keeps_up']} |"
+            )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
     d = Path(ap.parse_args().results)
     for fname, fn in (
         ("step_cost_cpu.json", step_tables),
+        ("step_cost_sid_sim_cpu.json", step_tables),  # issue 15's rows, taken apart (see the file's note)
         ("sampling_cpu.json", sampling_table),
         ("toy_quality.json", toy_table),
         ("fm_quality_cpu.json", fm_quality_table),
         ("compile_cpu.json", compile_table),
+        ("loader_cpu.json", loader_table),
+        ("switches_cpu.json", switches_table),
     ):
         r = _load(d / fname)
         if r is not None:

@@ -159,6 +159,11 @@ class TarShards(EncodedImages):
     def num_raw(self) -> int:
         return len(self.members)
 
+    def identity(self):
+        for (s, offset, size), key in zip(self.members, self.keys):
+            yield self.shards[s].name, key, offset, size
+        yield tuple(self.labels or ())
+
     def source(self, raw_index: int) -> tuple[bytes, str]:
         s, offset, size = self.members[raw_index]
         with open(self.shards[s], "rb") as f:  # opened per read: safe in forked workers

@@ -26,6 +26,9 @@ def load_hf_dataset(path: str, split: str):
         raise ImportError("data=hf_datasets needs the `datasets` package: pip install 'diffdistill[data]'") from e
     if not isinstance(path, str) or not path:
         raise ValueError(f"data.path must be a folder or a Hugging Face hub id, got {path!r}")
+    local = Path(path).expanduser()
+    if (path.startswith(("/", "./", "../", "~")) or local.is_absolute()) and not local.exists():
+        raise FileNotFoundError(f"dataset folder '{path}' does not exist (data.path); a hub id looks like 'user/name'")
     saved = Path(path).is_dir() and any((Path(path) / f).exists() for f in ("state.json", "dataset_dict.json"))
     try:
         ds = datasets.load_from_disk(path) if saved else datasets.load_dataset(path, split=split)
@@ -105,6 +108,10 @@ class HFImages(EncodedImages):
 
     def num_raw(self) -> int:
         return len(self.table)
+
+    def identity(self):
+        yield len(self.table), self.image_column, getattr(self.table, "_fingerprint", None)
+        yield tuple(self.labels or ())
 
     def source(self, raw_index: int) -> tuple[str | bytes, str]:
         cell = self.table[raw_index][self.image_column]

@@ -11,7 +11,7 @@ k``) is its ``v``-th slice. Each process reads only its own slices, so ranks see
 cover each epoch, and every process sees the samples it would see with the data held in memory. The position
 saved is the number of iterations the trainer *consumed* (not what the workers prefetched), so a resumed run
 continues with the exact next micro-batch, bit for bit, whatever ``num_workers`` is, as long as the files are
-unchanged (their count is checked on resume).
+unchanged (their count, and for encoded data their names and sizes, are checked on resume).
 """
 
 from __future__ import annotations
@@ -120,8 +120,9 @@ class DataStream:
 
         o = self.options
         pin = (self.device.type == "cuda") if o.pin_memory == "auto" else bool(o.pin_memory)
+        position = self.position
         sampler = MicroBatchSampler(
-            len(self.dataset), self.position.batch_size, self.micro_batch, self.virtual_ranks, self.state_dict()
+            len(self.dataset), position.batch_size, self.micro_batch, self.virtual_ranks, position.state_dict()
         )
         return DataLoader(
             self.dataset,
@@ -150,16 +151,25 @@ class DataStream:
         return out
 
     def state_dict(self) -> dict:
-        """The consumed position ``(epoch, offset, seed)`` and the dataset's length (plain values)."""
-        return {**self.position.state_dict(), "num_samples": len(self.dataset)}
+        """The consumed position ``(epoch, offset, seed)``, the dataset's length and, for encoded data, the
+        fingerprint of its files (plain values)."""
+        state = {**self.position.state_dict(), "num_samples": len(self.dataset)}
+        fingerprint = getattr(self.dataset, "fingerprint", None)
+        return state if fingerprint is None else {**state, "fingerprint": fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``; refuses a position saved over a dataset of another length."""
+        """Continue from ``state``; refuses a position saved over a dataset of another length or other files."""
         saved = state.get("num_samples")
         if saved is not None and int(saved) != len(self.dataset):
             raise ValueError(
                 f"the checkpoint's data position was saved over {saved} samples, but the data group now has "
                 f"{len(self.dataset)}: the files changed, so the run cannot continue the same sequence"
+            )
+        mine = getattr(self.dataset, "fingerprint", None)
+        if state.get("fingerprint") is not None and mine is not None and state["fingerprint"] != mine:
+            raise ValueError(
+                "the checkpoint's data position was saved over other files (names or sizes differ from the data "
+                "group's now): the run cannot continue the same sequence; point the data group at the original files"
             )
         self.position.load_state_dict(state)
         self.close()

@@ -7,6 +7,7 @@ Subclasses say where sample ``i``'s encoded bytes are (:meth:`EncodedImages.sour
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from torch import Tensor
@@ -58,6 +59,21 @@ class EncodedImages:
 
     def __len__(self) -> int:
         return self.num_raw() * (2 if self.xflip else 1)
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of what identifies the samples (names and sizes, settings), saved with the data position so a
+        resume over other files is refused; computed once."""
+        if getattr(self, "_fingerprint", None) is None:
+            digest = hashlib.sha256(repr((type(self).__name__, self.sample_shape, self.resize, self.xflip)).encode())
+            for item in self.identity():
+                digest.update(repr(item).encode())
+            self._fingerprint = digest.hexdigest()[:32]
+        return self._fingerprint
+
+    def identity(self):
+        """What :attr:`fingerprint` digests, one item per sample (subclasses: name and size)."""
+        return range(self.num_raw())
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -129,3 +145,7 @@ class ImageFolderStream(EncodedImages):
     def source(self, raw_index: int) -> tuple[Path, str]:
         path = self.files[raw_index]
         return path, str(path)
+
+    def identity(self):
+        for p, label in zip(self.files, self.labels or [None] * len(self.files)):
+            yield p.relative_to(self.root).as_posix(), p.stat().st_size, label

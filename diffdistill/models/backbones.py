@@ -169,19 +169,33 @@ class UNetBackbone(nn.Module):
         finally:
             self._pending_guidance = None
 
+    # what ``features`` costs in forwards of the whole network, for pass counts (the encoder and mid block alone:
+    # 0.22 measured on the Fashion-MNIST UNet, CPU)
+    feature_pass_cost: float = 0.25
+
     def features(self, x_in: Tensor, c_noise: Tensor, cond: Conditioning) -> list[Tensor]:
-        """Output of each down block and of the mid block (discriminator taps)."""
+        """Output of each down block and of the mid block (discriminator taps). The forward stops after the mid
+        block: the decoder, whose output no tap needs, never runs (DMD2's classifier runs the encoder only)."""
         taps: list[Tensor] = []
-        hooks = [
-            b.register_forward_hook(lambda m, i, o: taps.append(o[0] if isinstance(o, tuple) else o))
-            for b in [*self.unet.down_blocks, self.unet.mid_block]
-        ]
+
+        def tap(module, inputs, output):
+            taps.append(output[0] if isinstance(output, tuple) else output)
+            if module is self.unet.mid_block:
+                raise _TapsDone
+
+        hooks = [b.register_forward_hook(tap) for b in [*self.unet.down_blocks, self.unet.mid_block]]
         try:
             self.forward(x_in, c_noise, cond)
+        except _TapsDone:
+            pass
         finally:
             for h in hooks:
                 h.remove()
         return taps
+
+
+class _TapsDone(Exception):
+    """Raised by :meth:`UNetBackbone.features` once the last tap is taken, to skip the decoder."""
 
 
 class FourierEmbedding(nn.Module):

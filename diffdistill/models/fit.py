@@ -48,6 +48,7 @@ def fit_to_teacher(
     seed: int = 0,
 ) -> Denoiser:
     """``network`` regressed onto the exact denoiser of ``teacher`` (see the module docstring); returns it, trainable.
+    A teacher with weights of its own (a trained network) is copied instead, as any student copies its teacher.
 
     Args:
         network: the denoiser to fit (e.g. :func:`diffdistill.models.builders.edm_mlp`).
@@ -59,6 +60,10 @@ def fit_to_teacher(
         seed: the fit's own RNG (the global RNG is left untouched).
     """
     den = getattr(teacher, "denoiser", teacher)
+    if not callable(getattr(den, "sample", None)) and any(True for _ in den.parameters()):
+        from diffdistill.models.generator import trainable_copy
+
+        return trainable_copy(teacher)  # a trained teacher (e.g. of diffdistill-teacher): its weights, as usual
     if not callable(getattr(den, "sample", None)):
         raise ValueError(
             f"fitting a network to the teacher needs an exact sampler: {type(den).__name__} has no sample(n); "

@@ -98,6 +98,8 @@ class Objective:
         requires_real_data: whether batches must carry real samples (GAN terms, consistency training).
         student_sampler: how the sample grids draw from the student: ``"one_step"`` (a distilled generator) or
             ``"heun"`` (the objective trains a denoiser, sampled like a teacher: EDM training).
+        few_step_student: whether the student is trained to be sampled in several steps too (consistency
+            models' multistep sampling, backward simulation); one-step generators (DMD, SiD) are not.
 
     The hooks the trainer and the builder call are all declared here with their defaults; an objective
     overrides only what it needs.
@@ -110,6 +112,7 @@ class Objective:
     generator_roles: ClassVar[tuple[str, ...]] = ("generator",)
     requires_real_data: ClassVar[bool] = False
     student_sampler: ClassVar[str] = "one_step"
+    few_step_student: ClassVar[bool] = False
     update_schedule: UpdateSchedule = UpdateSchedule()
 
     @classmethod

@@ -194,6 +194,7 @@ class ConsistencyDistillation(Objective):
     """
 
     name = "cd"
+    few_step_student = True  # consistency models sample in one step or several (Song et al. 2023, Alg. 1)
     paper = Paper("Consistency Models", "2303.01469", "Song, Dhariwal, Chen, Sutskever", 2023)
     roles = ("generator",)
     frozen_roles = ("target_generator",)

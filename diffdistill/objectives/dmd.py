@@ -31,9 +31,7 @@ from diffdistill.objectives.common import (
 from diffdistill.schedules.karras import KarrasSchedule
 
 
-def dmd_gradient(
-    x: Tensor, x0_real: Tensor, x0_fake: Tensor, normalize: bool = True, float64: bool = False
-) -> Tensor:
+def dmd_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor, normalize: bool = True, float64: bool = False) -> Tensor:
     """DMD's per-element gradient ``g = (x0_fake - x0_real) / mean_{CHW}|x - x0_real|`` (DMD Eq. 8).
 
     With ``normalize=False`` this is ``sigma^2 (s_real - s_fake)`` up to the sign convention, i.e. the

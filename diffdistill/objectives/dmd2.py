@@ -55,10 +55,14 @@ def heads_spec(spec: dict[str, Any] | None) -> dict[str, Any]:
     spec = dict(spec or {})
     unknown = set(spec) - set(DEFAULT_HEADS)
     if unknown:
-        raise ValueError(f"objective.discriminator_heads: unknown keys {sorted(unknown)} (known: {sorted(DEFAULT_HEADS)})")
+        raise ValueError(
+            f"objective.discriminator_heads: unknown keys {sorted(unknown)} (known: {sorted(DEFAULT_HEADS)})"
+        )
     out = {**DEFAULT_HEADS, **spec}
     if out["network"] not in FEATURE_NETWORKS:
-        raise ValueError(f"objective.discriminator_heads.network must be one of {FEATURE_NETWORKS}, got {out['network']!r}")
+        raise ValueError(
+            f"objective.discriminator_heads.network must be one of {FEATURE_NETWORKS}, got {out['network']!r}"
+        )
     taps = out["taps"]
     if isinstance(taps, (str, int)) or not taps:
         raise ValueError(f"objective.discriminator_heads.taps must be a non-empty list, got {taps!r}")
@@ -89,7 +93,9 @@ class DMD2(DMD):
     """
 
     name = "dmd2"
-    paper = Paper("Improved Distribution Matching Distillation for Fast Image Synthesis", "2405.14867", "Yin et al.", 2024)
+    paper = Paper(
+        "Improved Distribution Matching Distillation for Fast Image Synthesis", "2405.14867", "Yin et al.", 2024
+    )
     roles = ("generator", "fake_score", "discriminator")
     requires_real_data = True
     float64 = True
@@ -146,12 +152,17 @@ class DMD2(DMD):
         self.discriminator = discriminator
         spec = heads_spec(discriminator_heads)
         self.feature_network = {"fake_score": fake_score, "teacher": teacher, "none": None}[spec["network"]]
-        self.gan_generator_weight, self.gan_discriminator_weight = float(gan_generator_weight), float(gan_discriminator_weight)
+        self.gan_generator_weight, self.gan_discriminator_weight = (
+            float(gan_generator_weight),
+            float(gan_discriminator_weight),
+        )
         self.gan_k_max = max(0, int(gan_max_step_percent * len(self.sigmas)) - 1)
         self.r1_weight, self.r1_kind, self.r1_noise_std = float(r1_weight), r1_kind, float(r1_noise_std)
         self.backward_simulation = bool(backward_simulation)
         # real samples are read only by the discriminator's update
         self.requires_real_data = self.gan_discriminator_weight > 0 or self.r1_weight > 0
+        # a k-step student trained by backward simulation samples in its k steps
+        self.few_step_student = self.backward_simulation and len(generator.sampling_sigmas) > 1
 
     @classmethod
     def build_role(
@@ -256,19 +267,25 @@ class DMD2(DMD):
     def pass_count(self) -> PassCount:
         """One iteration averaged over a TTUR cycle (``r`` critic updates, one generator update)."""
         r = self.update_schedule.critic_steps_per_generator_step
-        w = self.real_guidance_scale if self.real_guidance_scale is not None else getattr(self.teacher, "guidance_scale", 1.0)
+        w = self.real_guidance_scale
+        w = getattr(self.teacher, "guidance_scale", 1.0) if w is None else w
         cfg = 2.0 if w != 1.0 else 1.0
         k = len(self.generator.sampling_sigmas) if self.backward_simulation else 1
         sim = (k - 1) / 2  # mean no-grad student calls before the one with a graph
-        gan_g = 1.0 if self.gan_generator_weight > 0 and self.discriminator.needs_features else 0.0
-        gan_d = 2.0 if (self.gan_discriminator_weight > 0 or self.r1_weight > 0) and self.discriminator.needs_features else 0.0
-        r1 = {"exact": 1.0, "approx": 0.0}[self.r1_kind] if self.r1_weight > 0 else 0.0
-        r1_fwd = 2.0 if self.r1_weight > 0 and self.r1_kind == "approx" else (1.0 if self.r1_weight > 0 else 0.0)
-        # generator update: sim + G fwd/bwd; teacher (x2 with CFG) + fake forwards; GAN: fake fwd + bwd to the input
+        # one feature pass of the network the heads read, in whole forwards (a UNet stops after its mid block)
+        net = self.feature_network if self.discriminator.needs_features else None
+        costs = [float(m.feature_pass_cost) for m in net.modules() if hasattr(m, "feature_pass_cost")] if net else []
+        f = (costs[0] if costs else 1.0) if net is not None else 0.0
+        gan_g = f if self.gan_generator_weight > 0 else 0.0
+        gan_d = 2.0 * f if (self.gan_discriminator_weight > 0 or self.r1_weight > 0) else 0.0  # [generated; real]
+        # R1: exact = the real half's graph once more and a double backward; approx = two real-half feature passes
+        r1_fwd = (f if self.r1_kind == "exact" else 2.0 * f) if self.r1_weight > 0 else 0.0
+        r1_bwd = 2.0 * f if self.r1_weight > 0 else 0.0
+        # generator update: sim + G fwd/bwd; teacher (x2 with CFG) + fake forwards; GAN: features fwd + bwd to x
         gen = PassCount(forward=sim + cfg + 1.0, forward_grad=1.0 + gan_g, backward=1.0 + gan_g)
-        # critic update: a no-grad generation when not cached; fake fwd+bwd (DSM); features of [fake; real] at 2B
+        # critic update: a no-grad generation when not cached; fake fwd+bwd (DSM); features of [generated; real]
         crit_fwd = (sim + 1.0) * (r - 1) / r
-        crit = PassCount(forward=crit_fwd, forward_grad=1.0 + gan_d + r1_fwd, backward=1.0 + gan_d + r1_fwd + r1)
+        crit = PassCount(forward=crit_fwd, forward_grad=1.0 + gan_d + r1_fwd, backward=1.0 + gan_d + r1_bwd)
         return PassCount(
             forward=gen.forward / r + crit.forward,
             forward_grad=gen.forward_grad / r + crit.forward_grad,

@@ -92,6 +92,7 @@ class ICT(Objective):
     """
 
     name = "ict"
+    few_step_student = True  # consistency models sample in one step or several (Song et al. 2023, Alg. 1)
     paper = Paper("Improved Techniques for Training Consistency Models", "2310.14189", "Song, Dhariwal", 2023)
     roles = ("generator",)
     requires_real_data = True
@@ -185,6 +186,7 @@ class ECT(Objective):
     """
 
     name = "ect"
+    few_step_student = True  # consistency models sample in one step or several (Song et al. 2023, Alg. 1)
     paper = Paper("Consistency Models Made Easy", "2406.14548", "Geng, Pokle, Luo, Lin, Kolter", 2024)
     roles = ("generator",)
     requires_real_data = True

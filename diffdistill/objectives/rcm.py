@@ -79,6 +79,7 @@ class RCM(Objective):
     """
 
     name = "rcm"
+    few_step_student = True  # consistency models sample in one step or several (Song et al. 2023, Alg. 1)
     paper = Paper(
         "Large Scale Diffusion Distillation via Score-Regularized Continuous-Time Consistency",
         "NVlabs/rcm (ICLR 2026)",

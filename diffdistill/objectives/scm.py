@@ -144,6 +144,7 @@ class SCM(Objective):
     """
 
     name = "scm"
+    few_step_student = True  # consistency models sample in one step or several (Song et al. 2023, Alg. 1)
     paper = Paper(
         "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models", "2410.11081", "Lu, Song", 2024
     )

@@ -138,10 +138,10 @@ class SiD(Objective):
         self.alpha, self.t_max, self.rho = float(alpha), float(t_max), float(rho)
         self.P_mean, self.P_std = float(P_mean), float(P_std)
         self.real_guidance_scale = real_guidance_scale
-        self.fake_guidance_scale, self.fake_train_guidance_scale = float(fake_guidance_scale), float(
-            fake_train_guidance_scale
-        )
-        self.generator_loss_scale, self.normalize, self.num_steps = float(generator_loss_scale), bool(normalize), num_steps
+        self.fake_guidance_scale = float(fake_guidance_scale)
+        self.fake_train_guidance_scale = float(fake_train_guidance_scale)
+        self.generator_loss_scale, self.normalize = float(generator_loss_scale), bool(normalize)
+        self.num_steps = num_steps
         self.score_gradients, self.checkpoint_scores = bool(score_gradients), bool(checkpoint_scores)
         # 1:1, the fake score first (the official loop updates f_psi, then G_theta, each with fresh noise)
         self.update_schedule = UpdateSchedule(1, generator_warmup_steps=1)
@@ -170,7 +170,8 @@ class SiD(Objective):
         keep = finite_samples(x_g, x0_real, x0_fake)
         x_g, x0_real, x0_fake = (keep_samples(t, keep) for t in (x_g, x0_real, x0_fake))
         omega = sid_normaliser(x_g, x0_real)
-        loss = self.generator_loss_scale * sid_loss(x_g, x0_real, x0_fake, self.alpha, omega if self.normalize else None)
+        loss = sid_loss(x_g, x0_real, x0_fake, self.alpha, omega if self.normalize else None)
+        loss = self.generator_loss_scale * loss
         logs = {
             "sid_sigma_mean": float(sigma.mean()),
             "sid_omega_mean": float(omega.mean()),

@@ -74,8 +74,8 @@ def _culprit_key(node: DictConfig, kwargs: dict) -> str | None:
         if p is None or p.default is inspect.Parameter.empty or OmegaConf.is_config(node[k]) or node[k] == p.default:
             continue
         trial = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
-        trial[k] = p.default
         try:
+            trial[k] = p.default  # a dataclass default_factory sentinel is no config value: not this key
             instantiate(trial, **kwargs)
         except Exception:  # noqa: BLE001 - still failing: not this key
             continue

@@ -94,9 +94,17 @@ class OptimizerSpec:
     def __post_init__(self) -> None:
         from diffdistill.utils.validate import require
 
-        self.lr_per_role = dict(_plain(self.lr_per_role) or {})
-        self.betas_per_role = {k: tuple(v) for k, v in (_plain(self.betas_per_role) or {}).items()}
+        for key in ("lr_per_role", "betas_per_role"):
+            value = _plain(getattr(self, key)) or {}
+            require(isinstance(value, Mapping), f"optim.{key}", "must be a mapping {role: value}", value)
+            setattr(self, key, dict(value))
+        pairs = {"optim.betas": _plain(self.betas)} if self.betas is not None else {}
+        pairs.update({f"optim.betas_per_role.{k}": v for k, v in self.betas_per_role.items()})
+        for key, betas in pairs.items():
+            ok = isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)
+            require(ok, key, "must be two numbers in [0, 1)", betas)
         self.betas = None if self.betas is None else tuple(_plain(self.betas))
+        self.betas_per_role = {k: tuple(v) for k, v in self.betas_per_role.items()}
         if self.optimizer is not None:
             require(
                 callable(self.optimizer),
@@ -126,10 +134,6 @@ class OptimizerSpec:
             warm,
         )
         require(isinstance(self.fused, bool), "optim.fused", "must be true or false", self.fused)
-        pairs = [] if self.betas is None else [("optim.betas", self.betas)]
-        for key, betas in [*pairs, *((f"optim.betas_per_role.{k}", b) for k, b in self.betas_per_role.items())]:
-            ok = len(list(betas)) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)
-            require(ok, key, "must be two numbers in [0, 1)", betas)
         for k, v in self.lr_per_role.items():
             require(_number(v) and v > 0, f"optim.lr_per_role.{k}", "must be > 0", v)
         self.schedule_name, self.schedule_options = self._parse_schedule(_plain(self.schedule))

@@ -96,6 +96,16 @@ PAPER = {
         None,
         "Zhou et al. 2024 (arXiv:2404.04057); mingyuanzhou/SiD sid_train.py: Adam betas (0, 0.999), lr 1e-5",
     ),
+    "cifar10/sim": (
+        torch.optim.Adam,
+        1e-5,
+        (0.0, 0.999),
+        1e-8,
+        0.0,
+        None,
+        None,
+        "Luo et al. 2024 (arXiv:2410.16794) train with SiD's settings (no released training code): Adam (0, 0.999)",
+    ),
     "imagenet64/sid": (
         torch.optim.Adam,
         4e-6,

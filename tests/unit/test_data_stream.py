@@ -97,7 +97,7 @@ def test_resume_mid_epoch_continues_exactly(folder, workers):
     first = DataStream(ds, 5, seed=7)
     take(first, 3)  # the workers have prefetched beyond this: the state is what was consumed
     state = first.state_dict()
-    assert state == {"epoch": 0, "offset": 15, "seed": 7, "num_samples": N}
+    assert state == {"epoch": 0, "offset": 15, "seed": 7, "num_samples": N, "fingerprint": ds.fingerprint}
     resumed = DataStream(ds, 5, seed=0)
     resumed.load_state_dict(state)
     assert same(take(resumed, 5), reference[3:])
@@ -122,12 +122,22 @@ def test_in_memory_resume_is_bit_exact_and_unchanged():
     assert torch.equal(resumed.next()[0][1].x0, ds.get(idx[6:9]).x0)
 
 
-def test_resume_refuses_a_dataset_that_changed_length(folder):
+def test_resume_refuses_a_dataset_that_changed(folder, tmp_path):
     ds = ImageFolderStream(str(folder), resolution=8, num_workers=0)
     state = DataStream(ds, 4).state_dict()
     smaller = ImageFolderStream(str(folder), resolution=8, num_workers=0, limit=20)
     with pytest.raises(ValueError, match="24 samples.*now has 20"):
         DataStream(smaller, 4).load_state_dict(state)
+    # the same count, but one file replaced by another image: names or sizes differ, the resume is refused
+    copy = make_folder(tmp_path / "copy")
+    DataStream(ImageFolderStream(str(copy), resolution=8, num_workers=0), 4).load_state_dict(state)  # same files
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(copy / "c0" / "000.png")
+    changed = ImageFolderStream(str(copy), resolution=8, num_workers=0)
+    with pytest.raises(ValueError, match="saved over other files"):
+        DataStream(changed, 4).load_state_dict(state)
+    flipped = ImageFolderStream(str(folder), resolution=8, num_workers=0, limit=12, xflip=True)  # 24 samples too
+    with pytest.raises(ValueError, match="saved over other files"):
+        DataStream(flipped, 4).load_state_dict(state)
 
 
 def test_two_ranks_read_disjoint_samples_that_cover_the_epoch(folder):
@@ -293,8 +303,10 @@ def test_hf_dataset_from_disk_gives_the_folders_batches(folder, tmp_path):
     assert take(DataStream(unconditional, 4), 1)[0][0][1].cond.class_labels is None
     with pytest.raises(ValueError, match=r"data.image_column 'img' is not a column .*\['image', 'label'\]"):
         HFImages(str(tmp_path / "hf"), resolution=8, image_column="img")
-    with pytest.raises(ValueError, match="data.path"):
+    with pytest.raises(FileNotFoundError, match="data.path"):  # a local-looking path is never a hub request
         HFImages(str(tmp_path / "nowhere"), resolution=8)
+    with pytest.raises(ValueError, match=r"could not load the Hugging Face dataset 'user/no-such-set' \(data.path\)"):
+        HFImages("user/no-such-set", resolution=8)  # a hub id: the network is blocked in tests
 
 
 # ------------------------------------------------------------------------------------------ in the trainer
@@ -334,7 +346,13 @@ def test_training_on_a_streamed_folder_runs_and_resumes_bit_exactly(folder, tmp_
     assert resumed.data.streamed
     resumed.fit()
     assert resumed.step == straight["step"] == 4
-    assert straight["data"] == resumed.data.state_dict() == {"epoch": 1, "offset": 8, "seed": 0, "num_samples": N}
+    assert straight["data"] == resumed.data.state_dict()
+    assert {k: straight["data"][k] for k in ("epoch", "offset", "seed", "num_samples")} == {
+        "epoch": 1,
+        "offset": 8,
+        "seed": 0,
+        "num_samples": N,
+    }
     a, b = straight["roles"]["generator"], resumed.roles["generator"].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -128,3 +128,24 @@ def test_gradient_reaches_the_input_through_a_frozen_feature_network():
     gan.generator_loss(disc(fake, x, torch.ones(2)), "ns").sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is None for p in [*fake.parameters(), *disc.parameters()])
+
+
+def test_unet_features_stop_after_the_mid_block():
+    """The taps are the blocks' outputs of a full forward, and the decoder never runs (DMD2's encoder-only pass)."""
+    fake = unet_fake_score()
+    unet = fake.denoiser.net.unet
+    calls, full = [], []
+    unet.up_blocks[0].register_forward_hook(lambda m, i, o: calls.append(1))
+    hooks = [
+        b.register_forward_hook(lambda m, i, o: full.append(o[0] if isinstance(o, tuple) else o))
+        for b in [*unet.down_blocks, unet.mid_block]
+    ]
+    x, sigma = torch.randn(2, 1, 8, 8), torch.ones(2)
+    fake(x, sigma)
+    assert len(calls) == 1
+    for h in hooks:
+        h.remove()
+    taps = fake.features(x, sigma)
+    assert len(calls) == 1 and len(taps) == len(full) == 3
+    for a, b in zip(taps, full):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -114,7 +114,9 @@ def test_dmd2_draws_its_simulation_length_per_iteration():
     obj = toy(sigmas=[80.0, 10.0, 1.0, 0.1])
     steps = [obj.simulation_steps(s) for s in range(400)]
     assert set(steps) == {1, 2, 3, 4} and steps == [obj.simulation_steps(s) for s in range(400)]
-    assert toy().simulation_steps(3) == 1 and toy(sigmas=[80.0, 1.0], backward_simulation=False).simulation_steps(5) == 1
+    assert (
+        toy().simulation_steps(3) == 1 and toy(sigmas=[80.0, 1.0], backward_simulation=False).simulation_steps(5) == 1
+    )
 
 
 def test_generator_update_changes_only_the_generator_and_the_gan_gradient_goes_through_the_fake_score(tmp_path):
@@ -171,14 +173,15 @@ def test_bad_settings_name_their_key(tmp_path):
 
 
 def test_pass_count_counts_the_gan_passes(tmp_path):
-    """On the tiny UNet at 5:1: the generator's GAN term adds a fake-score fwd+bwd every 5th iteration, the
-    discriminator a fwd+bwd of [generated; real] (2B) every iteration; the toy's input-tap heads add none."""
+    """On the tiny UNet at 5:1: the generator's GAN term adds a fake-score feature fwd+bwd every 5th iteration, the
+    discriminator one of [generated; real] (2B) every iteration; the toy's input-tap heads add none."""
     base = ["objective=dmd2", *TINY, f"run_dir={tmp_path}"]
     on = build_experiment(compose_train(base)).objective.pass_count()
     off_cfg = [*base, "objective.gan_generator_weight=0", "objective.gan_discriminator_weight=0"]
     off = build_experiment(compose_train(off_cfg)).objective.pass_count()
-    assert on.forward_grad - off.forward_grad == pytest.approx(1 / 5 + 2)
-    assert on.backward - off.backward == pytest.approx(1 / 5 + 2)
+    f = 0.25  # UNetBackbone.feature_pass_cost: the features stop after the mid block
+    assert on.forward_grad - off.forward_grad == pytest.approx(f / 5 + 2 * f)
+    assert on.backward - off.backward == pytest.approx(f / 5 + 2 * f)
     assert toy().pass_count() == toy(gan_generator_weight=0.0, gan_discriminator_weight=0.0).pass_count()
 
 

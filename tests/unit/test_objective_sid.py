@@ -80,36 +80,39 @@ def test_the_two_alphas_give_different_gradients():
     assert abs(grads[0] - grads[1]) > 0.2 * abs(grads[0])
 
 
-def test_detaching_x_t_changes_the_gradient_and_leaves_the_direct_path():
+def capture_samples(monkeypatch) -> dict:
+    """Make SiD keep its generator samples ``x_g`` (gradient retained) in the returned dict."""
+    captured = {}
+    orig = sid_module.generate
+
+    def generate(*args, **kw):
+        x, j = orig(*args, **kw)
+        x.retain_grad()
+        captured["x"] = x
+        return x, j
+
+    monkeypatch.setattr(sid_module, "generate", generate)
+    return captured
+
+
+def test_detaching_x_t_changes_the_gradient_and_leaves_the_direct_path(monkeypatch):
     """With x_t detached only d/dx_g of the (f_phi - x_g) term remains: -(f_phi - f_psi) / omega per element."""
+    orig = sid_module.generate
+    captured = capture_samples(monkeypatch)
     grads = {}
     for through in (True, False):
         torch.manual_seed(0)
         _, gen, _, obj = setup(score_gradients=through, generator_loss_scale=1.0)
-        captured = {}
-        orig = sid_module.generate
-
-        def generate(*args, **kw):
-            x, j = orig(*args, **kw)
-            x.retain_grad()
-            captured["x"] = x
-            return x, j
-
-        sid_module.generate = generate
-        try:
-            out = obj.generator_loss(batch(256), 1)
-        finally:
-            sid_module.generate = orig
-        out.loss.sum().backward()
+        obj.generator_loss(batch(256), 1).loss.sum().backward()
         grads[through] = captured["x"].grad.clone()
-        if not through:
-            torch.manual_seed(0)
-            x_g, _ = orig(gen, batch(256), 1, grad=False)
-            sigma = obj.sample_sigmas(256, "cpu")
-            x_t = x_g + sigma[:, None] * torch.randn_like(x_g)
-            x0_real, x0_fake = obj.teacher(x_t, sigma), obj.fake_score(x_t, sigma)
-            omega = (x_g - x0_real).abs().mean(1, keepdim=True)
-            torch.testing.assert_close(grads[False], -(x0_real - x0_fake) / omega, rtol=1e-4, atol=1e-6)
+    # the direct path alone, recomputed from the same random draws
+    torch.manual_seed(0)
+    x_g, _ = orig(gen, batch(256), 1, grad=False)
+    sigma = obj.sample_sigmas(256, "cpu")
+    x_t = x_g + sigma[:, None] * torch.randn_like(x_g)
+    x0_real, x0_fake = obj.teacher(x_t, sigma), obj.fake_score(x_t, sigma)
+    omega = (x_g - x0_real).abs().mean(1, keepdim=True)
+    torch.testing.assert_close(grads[False], -(x0_real - x0_fake) / omega, rtol=1e-4, atol=1e-6)
     assert grads[True].abs().sum() > 0 and grads[False].abs().sum() > 0
     assert not torch.allclose(grads[True], grads[False], rtol=0.05, atol=1e-4)
 
@@ -325,7 +328,8 @@ def test_toy_run_reaches_the_true_distribution(tmp_path):
     from diffdistill.training.builders import build_trainer
     from tests.helpers import compose_train
 
-    cfg = ["experiment=toy/sid", "trainer.device=cpu", f"run_dir={tmp_path}", "logger=none", "trainer.checkpoint_every=0"]
+    cfg = ["experiment=toy/sid", "trainer.device=cpu", f"run_dir={tmp_path}", "logger=none"]
+    cfg.append("trainer.checkpoint_every=0")
     trainer = build_trainer(compose_train(cfg))
     trainer.fit()
     ema = trainer.emas[0.9].module.denoiser

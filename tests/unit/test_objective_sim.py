@@ -152,7 +152,8 @@ def test_toy_run_reaches_the_true_distribution(tmp_path):
     from diffdistill.training.builders import build_trainer
     from tests.helpers import compose_train
 
-    cfg = ["experiment=toy/sim", "trainer.device=cpu", f"run_dir={tmp_path}", "logger=none", "trainer.checkpoint_every=0"]
+    cfg = ["experiment=toy/sim", "trainer.device=cpu", f"run_dir={tmp_path}", "logger=none"]
+    cfg.append("trainer.checkpoint_every=0")
     trainer = build_trainer(compose_train(cfg))
     trainer.fit()
     ema = trainer.emas[0.9].module.denoiser

@@ -140,3 +140,31 @@ def test_tf32_switch_sets_the_cuda_matmul_precision():
         assert err_tf32 > 10 * err_fp32  # TF32 keeps 10 mantissa bits
     finally:
         set_tf32(False, torch.device("cuda"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_compile_per_role_traces_every_objective(name, tmp_path, monkeypatch):
+    """``trainer.compile=true`` with every objective: dynamo captures each trainable denoiser (the ``eager`` backend
+    here, inductor's code generation takes minutes on CPU), the state-dict keys stay, and two iterations reach
+    the eager run's weights."""
+    import torch._dynamo
+
+    orig = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: orig(self, backend="eager", **kw))
+    weights = []
+    for value in ("false", "true"):
+        torch._dynamo.reset()
+        over = [*TINY, f"objective={name}", f"run_dir={tmp_path / value}", "trainer.max_steps=2"]
+        over += ["trainer.sample_every=0", "trainer.checkpoint_every=0", f"trainer.compile={value}"]
+        cfg = compose_train(over)
+        if cfg.objective.get("distance") == "lpips":
+            cfg.objective.distance = "l2"
+        trainer = build_trainer(cfg)
+        for _ in range(2):
+            trainer.train_step()
+        roles = trainer.objective.roles
+        weights.append({f"{r}.{k}": v.clone() for r in roles for k, v in trainer.roles[r].state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()  # no `_orig_mod.` prefixes: checkpoints of both runs are alike
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-6, msg=k)

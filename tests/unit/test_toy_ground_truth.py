@@ -231,15 +231,26 @@ def test_fitted_network_is_deterministic_and_close_to_the_exact_denoiser():
         exact = teacher(x, sigma)
         err_fit, err_init = (a(x, sigma) - exact).pow(2).mean(), (before(x, sigma) - exact).pow(2).mean()
     assert err_fit < 0.5 * err_init
+    trained = Teacher(edm_mlp(dim=2, hidden=8, depth=1))  # a teacher with weights is copied, as usual
+    copy = fit_to_teacher(net(), trained, steps=1)
+    assert copy is not trained.denoiser and all(p.requires_grad for p in copy.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), trained.denoiser.state_dict().values()))
+
+    class Weightless(torch.nn.Module):
+        sigma_data = 0.5
+
+        def forward(self, x, sigma, cond=None):
+            return x
+
     with pytest.raises(ValueError, match="exact sampler"):
-        fit_to_teacher(net(), Teacher(edm_mlp(dim=2, hidden=8, depth=1)), steps=1)
+        fit_to_teacher(net(), Teacher(Weightless()), steps=1)
 
 
 def test_mixture_denoiser_config_round_trip_keeps_conditional():
     den = GaussianMixtureDenoiser(torch.randn(3, 2), 0.2, conditional=False)
-    from diffdistill.models.io import model_config
-
     from hydra.utils import instantiate
+
+    from diffdistill.models.io import model_config
 
     rebuilt = instantiate(OmegaConf.create(model_config(den)))
     assert rebuilt.num_classes is None and rebuilt.conditional is False
