@@ -2,8 +2,9 @@
 
     python benchmarks/bench_compile.py [--objectives cd dmd ...] [--iters 60]
 
-Setup: the toy of ``bench_toy_quality.py`` (2-D Gaussian mixture, analytic teacher, residual-MLP student) built
-exactly as that benchmark builds it, so every registered objective runs. For each objective and each of eager /
+Setup: each objective's toy recipe of ``bench_toy_quality.py`` (``experiment=toy_gmm/<objective>``: 2-D Gaussian
+mixture, analytic teacher, residual-MLP roles, here with random weights: ``toy_mlp``, no fit), so every registered
+objective runs. For each objective and each of eager /
 compiled, a fresh trainer takes ``--warmup`` iterations (for the compiled run this is where inductor compiles;
 its wall time is recorded as ``first_iterations_s``), then ``--repeats`` timed groups of ``--iters`` iterations;
 the steady-state figure is the median ms per iteration. On the 2-core CPU VM inductor needed more than 10 minutes
@@ -23,19 +24,22 @@ from typing import Any
 
 import torch
 from _common import RESULTS, finish_info, machine_info, write_result
-from bench_toy_quality import build, compose, pretrain_mlp
+from bench_toy_quality import compose
 from omegaconf import open_dict
 
 import diffdistill.objectives  # noqa: F401  (registers every objective)
 from diffdistill.objectives.base import OBJECTIVES
 
 
-def run_case(name: str, compiled: bool, init, sigma_data: float, args) -> dict[str, Any]:
-    cfg = compose(name, 10**6, args.batch, 1e-3, 0, sigma_data)
-    with open_dict(cfg):
-        cfg.trainer.compile = compiled
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer, _, _ = build(cfg, tmp, init)
+def run_case(name: str, compiled: bool, args) -> dict[str, Any]:
+    from diffdistill.training.builders import build_trainer
+
+    over = ["student/denoiser=toy_mlp", "fake_score/denoiser=toy_mlp", f"trainer.batch_size={args.batch}"]
+    cfg = compose(name, "circle8", over)
+    with tempfile.TemporaryDirectory() as tmp, open_dict(cfg):
+        cfg.trainer.compile, cfg.run_dir, cfg.logger = compiled, tmp, None
+        cfg.trainer.max_steps, cfg.trainer.sample_every, cfg.trainer.checkpoint_every = 10**6, 0, 0
+        trainer = build_trainer(cfg)
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             trainer.train_step()
@@ -67,19 +71,13 @@ def main() -> None:
     logging.getLogger("diffdistill").setLevel(logging.ERROR)
     info = machine_info("cpu")
     names = args.objectives or sorted(OBJECTIVES)
-    cfg0 = compose(names[0], 1, args.batch, 1e-3, 0)
-    from hydra.utils import instantiate
-
-    dataset = instantiate(cfg0.data)
-    sd = float(dataset.teacher().sigma_data)
-    init = pretrain_mlp(dataset, sd, 300)  # weights do not matter for timing; a short pre-train keeps it finite
     rows = []
     for name in names:
         row: dict[str, Any] = {"objective": name}
         for compiled in (False, True):
             key = "compiled" if compiled else "eager"
             try:
-                row[key] = run_case(name, compiled, init, sd, args)
+                row[key] = run_case(name, compiled, args)
             except Exception as e:  # noqa: BLE001  (recorded: e.g. forward-mode AD under inductor)
                 row[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         if "ms_per_iteration" in row["eager"] and "ms_per_iteration" in row["compiled"]:
@@ -91,7 +89,7 @@ def main() -> None:
         "machine": finish_info(info),
         "note": args.note,
         "setup": {
-            "network": f"toy residual MLP (edm_mlp, 3 blocks of 128, 2-D), batch {args.batch}",
+            "network": f"toy residual MLP (student/denoiser=toy_mlp: 3 blocks of 128, 2-D), batch {args.batch}",
             "compile": "trainer.compile=true: torch.compile (inductor, default mode) of each trainable role's denoiser",
             "warmup_iterations": args.warmup,
             "timed": f"median over {args.repeats} groups of {args.iters} iterations",

@@ -167,6 +167,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     mixtures = list(result["mixtures"])
+    if not mixtures:
+        return
     fig, axes = plt.subplots(1, len(mixtures), figsize=(4.5 * len(mixtures), 4), squeeze=False)
     for ax, mix in zip(axes[0], mixtures):
         for row in (r for r in result["runs"] if r["mixture"] == mix):
@@ -185,6 +187,31 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def table(result: dict[str, Any]) -> str:
+    """One row per objective: one-step SW2 / floor and the largest mode-mass error per mixture (two-step in
+    brackets where the student has one); a trailing check mark where the one-step bar is met."""
+    mixtures = list(result["mixtures"])
+    head = "| objective | " + " | ".join(mixtures) + " |\n|---|" + "---|" * len(mixtures)
+    rows = []
+    for name in sorted({r["objective"] for r in result["runs"]}):
+        cells = []
+        for mix in mixtures:
+            r = next((r for r in result["runs"] if r["objective"] == name and r["mixture"] == mix), None)
+            if r is None or "final" not in r:
+                cells.append("error" if r else "-")
+                continue
+            f = r["final"]
+            one = f.get("one_step_sw2_over_floor", f.get("heun18_sw2_over_floor"))
+            mass = f.get("one_step_mass_error_max", f.get("heun18_mass_error_max"))
+            two = f" ({f['two_step_sw2_over_floor']:.2f})" if f.get("two_step_sw2_over_floor") else ""
+            ok = " ✓" if r.get("meets_one_step_bar") else ""
+            cells.append(f"{one:.2f} / {mass:.3f}{two}{ok}")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    refs = " | ".join(f"{result['mixtures'][m]['teacher_heun18_sw2_over_floor']:.2f}" for m in mixtures)
+    rows.append(f"| teacher, Heun 18 | {refs} |")
+    return head + "\n" + "\n".join(rows)
 
 
 def merge(files: list[Path], out: Path) -> None:
@@ -214,9 +241,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "toy_quality.json"))
     ap.add_argument("--update", action="store_true", help="keep the other (objective, mixture) rows of --out")
     ap.add_argument("--merge", nargs="+", default=None, help="combine these result files into --out (and plot)")
+    ap.add_argument("--table", action="store_true", help="print --out as a markdown table")
     args = ap.parse_args()
     if args.merge:
         return merge([Path(f) for f in args.merge], Path(args.out))
+    if args.table:
+        return print(table(__import__("json").loads(Path(args.out).read_text())))
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("diffdistill").setLevel(logging.ERROR)

@@ -100,6 +100,9 @@ class Objective:
             ``"heun"`` (the objective trains a denoiser, sampled like a teacher: EDM training).
         few_step_student: whether the student is trained to be sampled in several steps too (consistency
             models' multistep sampling, backward simulation); one-step generators (DMD, SiD) are not.
+        built_roles: roles the generic builder knows (``fake_score``) that this objective builds itself with
+            :meth:`build_role` instead (VSD's LoRA fake score); the network a config gives for the role
+            (``fake_score.denoiser``) is then passed in ``roles`` under the role's name.
 
     The hooks the trainer and the builder call are all declared here with their defaults; an objective
     overrides only what it needs.
@@ -113,6 +116,7 @@ class Objective:
     requires_real_data: ClassVar[bool] = False
     student_sampler: ClassVar[str] = "one_step"
     few_step_student: ClassVar[bool] = False
+    built_roles: ClassVar[tuple[str, ...]] = ()
     update_schedule: UpdateSchedule = UpdateSchedule()
 
     @classmethod

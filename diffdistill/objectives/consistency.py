@@ -25,7 +25,7 @@ from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.models.consistency import has_boundary_condition, wrap_boundary_condition
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
-from diffdistill.objectives.common import data_noise_scale, add_noise, per_sample_mean, pseudo_huber
+from diffdistill.objectives.common import add_noise, data_noise_scale, per_sample_mean, pseudo_huber
 from diffdistill.schedules.karras import karras_sigmas
 
 DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")

@@ -201,18 +201,37 @@ class DMD(Objective):
 
     float64: bool = False  # DMD2 forms the normalised gradient in float64 with per-sample masking
 
+    def dm_sigmas(self, n: int, device) -> Tensor:
+        """Noise levels of the distribution-matching gradient (DMD2: ``k ~ U{k_min..k_max}`` on the Karras grid)."""
+        return karras_index_sigmas(self.sigmas, n, self.k_min, self.k_max, device)
+
+    def fake_sigmas(self, n: int, device) -> Tensor:
+        """Noise levels of the fake-score loss (DMD2: the full Karras grid)."""
+        return karras_index_sigmas(self.sigmas, n, 0, len(self.sigmas) - 1, device)
+
+    def dm_gradient(
+        self, x: Tensor, x_t: Tensor, sigma: Tensor, cond: Conditioning, x0_real: Tensor, x0_fake: Tensor
+    ) -> Tensor:
+        """The per-element gradient injected into generator samples ``x``, from both scores at ``x_t = x + sigma
+        eps`` (DMD Eq. 8; variants override). Called without a graph."""
+        return dmd_gradient(x, x0_real, x0_fake, self.normalize, self.float64)
+
+    def inject(self, x: Tensor, g: Tensor) -> Tensor:
+        """Per-sample loss whose gradient w.r.t. ``x`` is ``g`` up to DMD2's constant (docs/invariants.md §5)."""
+        return gradient_injection_loss(x, g)
+
     def distribution_matching_loss(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, dict[str, float]]:
         """Per-sample surrogate loss of the DM gradient at generator samples ``x`` (with graph), and its logs."""
         with torch.no_grad():
-            sigma = karras_index_sigmas(self.sigmas, x.shape[0], self.k_min, self.k_max, x.device)
+            sigma = self.dm_sigmas(x.shape[0], x.device)
             x_t, _ = add_noise(x.detach(), sigma)
             # (DMD Eq. 7) real and fake scores at the same noisy point, no backprop through either
             x0_real = self.teacher(x_t, sigma, cond, guidance_scale=self.real_guidance_scale)
             x0_fake = self.fake_score(x_t, sigma, cond)
             # (DMD Eq. 8) per-sample normalised gradient
-            g = dmd_gradient(x.detach(), x0_real, x0_fake, self.normalize, self.float64)
+            g = self.dm_gradient(x.detach(), x_t, sigma, cond, x0_real, x0_fake)
         # inject g through the surrogate MSE (as DMD2's code does; docs/invariants.md §5)
-        loss = gradient_injection_loss(x, g)
+        loss = self.inject(x, g)
         return loss, {"dm_grad_norm": float(g.flatten(1).norm(dim=1).mean()), "dm_sigma_mean": float(sigma.mean())}
 
     def generator_loss(self, batch: Batch, step: int) -> LossOutput:
@@ -233,7 +252,7 @@ class DMD(Objective):
             with torch.no_grad():
                 x, cond = self.generate(batch)
         # (DMD Eq. 6) fake-score denoising loss over the full sigma range
-        sigma = karras_index_sigmas(self.sigmas, x.shape[0], 0, len(self.sigmas) - 1, x.device)
+        sigma = self.fake_sigmas(x.shape[0], x.device)
         loss = denoising_score_matching_loss(self.fake_score, x.detach(), sigma, cond, self.fake_weighting)
         return LossOutput(loss, {"fake_dsm": float(loss.detach().mean())})
 

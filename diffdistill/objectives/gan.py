@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 GAN_LOSSES = ("ns", "hinge")
 R1_KINDS = ("exact", "approx")
@@ -71,7 +72,9 @@ def r1_penalty(
         raise ValueError(f"r1_kind must be one of {R1_KINDS}, got {kind!r}")
     if kind == "exact":
         x = x.detach().clone().requires_grad_(True)
-        d = _per_sample(discriminator(x))
+        # the math attention kernel: the fused CPU/flash kernels have no double backward
+        with sdpa_kernel(SDPBackend.MATH):
+            d = _per_sample(discriminator(x))
         (grad,) = torch.autograd.grad(d.sum(), x, create_graph=True)
         # (Mescheder et al. 2018, Eq. 9) R1 = ||grad_x D(x)||^2
         return grad.flatten(1).pow(2).sum(1)

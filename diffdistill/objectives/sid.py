@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -42,6 +43,18 @@ from diffdistill.objectives.score_identity import (
 )
 
 SID_SIGMA_INIT = 2.5
+
+
+@dataclass
+class SiDPoint:
+    """Where one SiD generator loss was evaluated: the samples ``x_g`` (with their graph), ``x_t = x_g + sigma
+    noise``, the finite-sample mask ``keep`` and the normaliser ``omega`` (of the kept samples)."""
+
+    x_g: Tensor
+    sigma: Tensor
+    noise: Tensor
+    keep: Tensor
+    omega: Tensor | None = None
 
 
 def sid_loss(x_g: Tensor, x0_real: Tensor, x0_fake: Tensor, alpha: float, omega: Tensor | None = None) -> Tensor:
@@ -160,14 +173,20 @@ class SiD(Objective):
         return x0_real, x0_fake
 
     def generator_loss(self, batch: Batch, step: int) -> LossOutput:
+        return self.generator_terms(batch, step)[0]
+
+    def generator_terms(self, batch: Batch, step: int) -> tuple[LossOutput, SiDPoint]:
+        """The SiD generator loss and the point it was evaluated at (for terms added there: SiDA's GAN term)."""
         x_g, j = generate(self.generator, batch, self.num_steps, grad=True)
         x_g = sanitize_gradient(x_g)
         sigma = self.sample_sigmas(x_g.shape[0], x_g.device)
+        noise = torch.randn_like(x_g)
         x = x_g if self.score_gradients else x_g.detach()
-        x_t = x + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
+        x_t = x + append_dims(sigma, x_g.ndim) * noise
         x0_real, x0_fake = self.scores(x_t, sigma, batch)
         # drop samples with non-finite values (as the official code does)
         keep = finite_samples(x_g, x0_real, x0_fake)
+        point = SiDPoint(x_g, sigma, noise, keep)
         x_g, x0_real, x0_fake = (keep_samples(t, keep) for t in (x_g, x0_real, x0_fake))
         omega = sid_normaliser(x_g, x0_real)
         loss = sid_loss(x_g, x0_real, x0_fake, self.alpha, omega if self.normalize else None)
@@ -180,7 +199,8 @@ class SiD(Objective):
         }
         if self.num_steps > 1:
             logs["student_step"] = float(j + 1)
-        return LossOutput(loss, logs)
+        point.omega = omega
+        return LossOutput(loss, logs), point
 
     def critic_loss(self, batch: Batch, step: int) -> LossOutput:
         with torch.no_grad():  # fresh noise: SiD does not reuse the generator update's samples

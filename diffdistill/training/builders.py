@@ -254,8 +254,10 @@ def build_roles(
             fake = fake_score.get("denoiser") if fake_score is not None else None
             if fake is not None:
                 roles[r] = FakeScore(_network(fake, teacher, "fake-score network (fake_score.denoiser)").train())
-            else:
+            elif r not in objective_cls.built_roles:
                 roles[r] = FakeScore.from_teacher(teacher)
+            if r in objective_cls.built_roles:  # the objective's own fake score (given the configured network)
+                roles[r] = objective_cls.build_role(r, teacher=teacher, roles=roles, hparams=dict(hparams or {}))
             require_weights(roles[r], "fake_score.denoiser", "fake score")
         elif r == "target_generator":  # frozen parts of the generator (a LoRA base) are shared, not copied
             roles[r] = copy_sharing_frozen(roles["generator"])

@@ -24,6 +24,7 @@ MANDATORY = {
     ("data", "hf_datasets"): "path",
     ("backbone", "diffusers_vp"): "path",
     ("backbone", "edm_diffusers"): "path",
+    ("backbone", "pretrained"): "path",
 }
 
 

@@ -32,7 +32,7 @@ B, LABELS, RECIPE = 2, [3, 7], [80.0, 0.8]
 
 def _train(name: str, run_dir) -> None:
     base = [*TINY, *VARIANTS[name], f"run_dir={run_dir}", "trainer.max_steps=2", "trainer.sample_every=0"]
-    base += [f"student.sampling_sigmas={RECIPE}", "trainer.ema_decays=[0.9,0.999]"]
+    base += [f"student.sampling_sigmas={RECIPE}", "trainer.ema_decays=[0.9,0.999]", "optim.warmup_steps=0"]
     if compose_train(base).objective.get("distance") == "lpips":  # LPIPS weights are never downloaded
         base.append("objective.distance=l2")
     train(compose_train(base))

@@ -42,6 +42,7 @@ def overrides(name: str, run_dir, steps: int, batch: int, accumulation: int) -> 
         "trainer.sample_every=0",
         "trainer.checkpoint_every=0",
         "logger=none",
+        "optim.warmup_steps=0",  # full-rate updates from the first (a warm-up starts at lr 0): drift is visible
     ]
     if compose_train(base).objective.get("distance") == "lpips":
         base.append("objective.distance=l2")

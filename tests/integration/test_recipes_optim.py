@@ -106,6 +106,26 @@ PAPER = {
         None,
         "Luo et al. 2024 (arXiv:2410.16794) train with SiD's settings (no released training code): Adam (0, 0.999)",
     ),
+    "cifar10/sida": (
+        torch.optim.Adam,
+        1e-5,
+        (0.0, 0.999),
+        1e-8,
+        0.0,
+        None,
+        None,
+        "Zhou et al. 2025 (arXiv:2410.14919); mingyuanzhou/SiD branch sida: Adam lr 1e-5 both, betas (0, 0.999)",
+    ),
+    "imagenet64/sida": (
+        torch.optim.Adam,
+        4e-6,
+        (0.0, 0.999),
+        None,  # the script's eps 1e-6 goes with its fp16 loss scaling; the recipe trains in bf16 with eps 1e-8
+        0.0,
+        None,
+        None,
+        "Zhou et al. 2025; mingyuanzhou/SiD branch sida run_sida.sh ImageNet-64: Adam lr 4e-6, betas (0, 0.999)",
+    ),
     "imagenet64/sid": (
         torch.optim.Adam,
         4e-6,
