@@ -91,6 +91,8 @@ NOTES: dict[str, str] = {
     "rows (the paper's 2.5 does not change the cost)",
     "sim": "SIM 1:1: generator step = G fwd+bwd, teacher fwd with a graph + its VJP, fake fwd without graph (y is "
     "detached); fake step as SiD",
+    "sida": "SiDA 1:1 with the GAN term on: SiD's passes + fake-score features fwd+bwd to the input (generator step) "
+    "and fake-score features of [generated; real] at 2B fwd+bwd (critic step, same sigma and noise as the fake loss)",
 }
 # Extra named configurations per network: (label, objective, overrides).
 VARIANTS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {

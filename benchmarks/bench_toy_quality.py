@@ -170,12 +170,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if not mixtures:
         return
     fig, axes = plt.subplots(1, len(mixtures), figsize=(4.5 * len(mixtures), 4), squeeze=False)
+    names = sorted({r["objective"] for r in result["runs"]})
+    color = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
     for ax, mix in zip(axes[0], mixtures):
-        for row in (r for r in result["runs"] if r["mixture"] == mix):
+        for row in (r for r in result["runs"] if r["mixture"] == mix and "curve" in r):
             key = "one_step_sw2_over_floor" if "one_step_sw2_over_floor" in row["final"] else "heun18_sw2_over_floor"
             pts = [(p["iteration"], p[key]) for p in row["curve"] if p.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), label=row["objective"] + (" (Heun 18)" if key.startswith("heun") else ""))
+                label = row["objective"] + (" (Heun 18)" if key.startswith("heun") else "")
+                ax.plot(*zip(*pts), label=label, color=color[row["objective"]])
         info = result["mixtures"][mix]
         ax.axhline(ONE_STEP_BAR, color="k", ls="--", lw=0.8, label=f"{ONE_STEP_BAR:g}x floor")
         ax.axhline(info["teacher_heun18_sw2_over_floor"], color="gray", ls=":", lw=0.8, label="teacher Heun 18")

@@ -154,7 +154,7 @@ class FDistill(DMD2):
         return (k * self.ratio_bins // len(self.sigmas)).long().cpu()
 
     def f_weights(self, logits: Tensor, sigma: Tensor) -> Tensor:
-        """Per-sample ``h(r)`` with batch mean 1 (module docstring), from the discriminator's ``logits``."""
+        """Per-sample ``h(r)`` ``[B]``, batch mean 1 (module docstring), from the discriminator logits ``[B]``."""
         r = density_ratio(logits.detach(), self.logit_clamp, self.ratio_range)
         if self.ratio_normalization:
             b = self.ratio_bin(sigma)
@@ -171,7 +171,8 @@ class FDistill(DMD2):
         if self.divergence == "reverse_kl" and not self.ratio_normalization:
             return g  # h = 1: DMD2 exactly (no discriminator pass)
         # (f-distill §3, weighted DM gradient) h(r) weights each sample's DMD gradient, r from the logit at the same x_t
-        h = self.f_weights(self.logits(x_t, sigma, cond), sigma)
+        logits = self.logits(x_t, sigma, cond).reshape(x.shape[0], -1).mean(1)  # [B, heads] -> the mean logit
+        h = self.f_weights(logits, sigma)
         self.last_weights = h
         return append_dims(h.to(g.dtype), g.ndim) * g
 

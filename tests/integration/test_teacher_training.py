@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import importlib
-import math
 import importlib.util
+import math
 import subprocess
 import sys
 

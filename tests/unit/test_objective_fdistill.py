@@ -174,3 +174,15 @@ def test_pass_count_adds_the_logit_pass_except_at_h_one(tmp_path):
     f = [m.feature_pass_cost for m in js.fake_score.modules() if hasattr(m, "feature_pass_cost")]
     assert extra == pytest.approx((f[0] if f else 1.0) / 5)
     assert rkl.pass_count() == DMD2.pass_count(rkl)
+
+
+def test_running_means_update_through_a_generator_step():
+    """The whole path (discriminator logits [B, heads] -> r -> bins) inside generator_loss and on_step_end."""
+    teacher, gen, fake, disc = roles()
+    obj = FDistill(
+        teacher, gen, fake, disc, discriminator_heads=HEADS, divergence="forward_kl", ratio_normalization=True
+    )
+    out = obj.generator_loss(real_batch(64), 0)
+    assert out.loss.shape == (64,) and obj.last_weights.shape == (64,) and out.logs["f_weight_max"] > 1
+    obj.on_step_end(0)
+    assert obj.ratio_seen.sum().item() == 64 and torch.any(obj.ratio_mean != 1.0)
