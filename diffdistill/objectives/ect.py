@@ -22,10 +22,14 @@ from torch import Tensor, nn
 
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
-from diffdistill.models.consistency import wrap_boundary_condition
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
 from diffdistill.objectives.common import data_noise_scale, pseudo_huber
-from diffdistill.objectives.consistency import RNGState, default_huber_c, require_boundary_condition
+from diffdistill.objectives.consistency import (
+    ConsistencyDistillation,
+    RNGState,
+    default_huber_c,
+    require_boundary_condition,
+)
 from diffdistill.schedules.karras import karras_sigmas
 
 # ---------------------------------------------------------------------------------------------
@@ -122,19 +126,8 @@ class ICT(Objective):
             require_boundary_condition(self, generator)
         self._grid: tuple[int, Tensor, Tensor] | None = None
 
-    @classmethod
-    def prepare_student(
-        cls,
-        generator: nn.Module,
-        sigma_min: float = 0.002,
-        boundary_condition: bool = True,
-        teacher: nn.Module | None = None,
-        match_sigma_data: bool = True,
-    ) -> None:
-        """The boundary condition at ``sigma_min`` (Song & Dhariwal 2023, as in Song et al. 2023, Eq. 5)."""
-        if boundary_condition:
-            c = data_noise_scale(teacher, generator, match_sigma_data)
-            wrap_boundary_condition(generator, c * float(sigma_min))
+    # the boundary condition at c sigma_min (Song & Dhariwal 2023, as in Song et al. 2023, Eq. 5), as CD's
+    prepare_student = ConsistencyDistillation.__dict__["prepare_student"]
 
     def grid(self, step: int) -> tuple[Tensor, Tensor]:
         """The ascending grid of ``N(step)`` points and its pair probabilities (cached per ``N``)."""
