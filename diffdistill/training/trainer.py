@@ -651,7 +651,8 @@ class DistillTrainer:
 
     def _scatter(self, panels: list[torch.Tensor], labels: list[str], title: str, path: Path):
         """Flat samples as one labelled scatter plot per panel (``d > 2``: projected on the two principal axes of
-        the first panel's samples), saved to ``path``; returns the figure as an image."""
+        the teacher's samples, or of the trained denoiser's in teacher training), saved to ``path``; returns the
+        figure as an image."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -659,11 +660,13 @@ class DistillTrainer:
 
         panels = [p.float().cpu() for p in panels]
         axis = ("x1", "x2")
-        if panels[0].shape[1] != 2:  # d > 2: the teacher panel's two principal axes, the same for every panel
-            ref = panels[0][torch.isfinite(panels[0]).all(1)]
+        if panels[0].shape[1] != 2:  # d > 2: two principal axes of the reference panel, the same for every panel
+            # (the teacher's; for teacher training the trained denoiser's, its "teacher" is the fresh network)
+            ref = panels[1 if self._student_heun else 0]
+            ref = ref[torch.isfinite(ref).all(1)]
             basis = torch.linalg.svd(ref - ref.mean(0), full_matrices=False).Vh[:2].T
             panels = [(p - ref.mean(0)) @ basis for p in panels]
-            axis = ("PC1 of the teacher's samples", "PC2")
+            axis = (f"PC1 of the {'student' if self._student_heun else 'teacher'}'s samples", "PC2")
         fig, ax = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), sharex=True, sharey=True, squeeze=False)
         for a, pts, label in zip(ax[0], panels, labels):
             a.scatter(*pts.T, s=2, alpha=0.5)
