@@ -312,8 +312,15 @@ def test_activation_checkpointing_gives_the_same_gradient(tmp_path):
 def test_sigma_init_far_from_the_papers_warns():
     teacher = Teacher(GaussianDenoiser(torch.full((D,), MU), torch.full((D,), S)))
     fake = FakeScore(GaussianDenoiser(torch.zeros(D), torch.ones(D), trainable=True))
-    with pytest.warns(UserWarning, match="sigma_init=2.5"):
+    with pytest.warns(UserWarning, match="sigma_init=2.5") as record:
         SiD(teacher, Generator(AffineDenoiser(D), sigma_init=80.0), fake)
+    assert sum("sigma_init" in str(w.message) for w in record) == 1
+    import warnings
+
+    with warnings.catch_warnings(record=True) as quiet:  # the paper's sigma_init 2.5: no warning
+        warnings.simplefilter("always")
+        SiD(teacher, Generator(AffineDenoiser(D), sigma_init=2.5), fake)
+    assert not [w for w in quiet if "sigma_init" in str(w.message)]
 
 
 @pytest.mark.parametrize("key,value", [("t_max", 0.0), ("t_max", 1200.0), ("P_std", 0.0), ("num_steps", 0)])

@@ -192,6 +192,13 @@ def test_diff_instruct_with_the_exact_fake_converges_to_the_data():
 
 
 def test_diff_instruct_warns_about_an_edm_sigma_init():
+    import warnings
+
     teacher, _, fake = gaussian_roles(2)
-    with pytest.warns(UserWarning, match="student.sigma_init=1.0"):
+    with pytest.warns(UserWarning, match="student.sigma_init=1.0") as record:
         DiffInstruct(teacher, Generator(AffineDenoiser(2), sigma_init=80.0), fake)
+    assert sum("sigma_init" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings(record=True) as quiet:  # the paper's sigma_init 1.0: no warning
+        warnings.simplefilter("always")
+        DiffInstruct(teacher, Generator(AffineDenoiser(2), sigma_init=1.0), fake)
+    assert not [w for w in quiet if "sigma_init" in str(w.message)]
