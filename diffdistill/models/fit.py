@@ -69,6 +69,8 @@ def fit_to_teacher(
             f"fitting a network to the teacher needs an exact sampler: {type(den).__name__} has no sample(n); "
             "use an analytic teacher (backbone=analytic) or give the role a trained network"
         )
+    if len(tuple(den.sample_shape)) != 1:
+        raise ValueError(f"fit_to_teacher is for flat [B, d] toy data, the teacher's samples are {den.sample_shape}")
     if steps < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"fit needs steps >= 0, batch_size >= 1, lr > 0, got {steps}, {batch_size}, {lr}")
     from diffdistill.models.io import model_config
@@ -92,9 +94,7 @@ def fit_to_teacher(
         for _ in range(int(steps)):
             x0, labels = _exact_samples(den, batch_size, gen)
             sigma = (P_mean + shift + P_std * torch.randn(batch_size, generator=gen)).exp()
-            x = x0 + sigma[:, None] * torch.randn(x0.shape, generator=gen) if x0.ndim == 2 else None
-            if x is None:
-                raise ValueError("fit_to_teacher is for flat [B, d] toy data")
+            x = x0 + sigma[:, None] * torch.randn(x0.shape, generator=gen)
             cond = Conditioning()
             if K and labels is not None:
                 drop = torch.rand(batch_size, generator=gen) < label_dropout
