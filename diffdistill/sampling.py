@@ -60,12 +60,14 @@ def multistep_sample(
     generator: torch.Generator | None = None,
     noise: list[Tensor] | None = None,
     sigma_min: float = 0.0,
+    prior_std: float | None = None,
 ) -> Tensor:
     """Consistency multistep sampling (Song et al. 2023, Alg. 1): ``x0 = D(sigma_0 z)``; for each next sigma
     ``x0 = D(x0 + sqrt(sigma^2 - sigma_min^2) eps, sigma)``. ``sigma_min`` is the student's boundary (the noise a
-    boundary-condition student's ``x0`` already carries); 0 for students without one."""
+    boundary-condition student's ``x0`` already carries); 0 for students without one. ``prior_std`` replaces
+    ``sigma_0`` as the scale of ``z`` (``Denoiser.prior_std``: unit noise in a VP or flow model's native space)."""
     sigmas = [float(s) for s in sigmas]
-    x0 = _d(denoise, sigmas[0] * z, sigmas[0], cond)
+    x0 = _d(denoise, (sigmas[0] if prior_std is None else prior_std) * z, sigmas[0], cond)
     for i, s in enumerate(sigmas[1:]):
         eps = (
             noise[i] if noise is not None else torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
@@ -82,12 +84,14 @@ def tcd_sample(
     gamma: float = 0.3,
     cond: Conditioning | None = None,
     generator: torch.Generator | None = None,
+    prior_std: float | None = None,
 ) -> Tensor:
-    """TCD's strategic stochastic sampling; ``gamma = 0`` is deterministic DDIM-like, ``gamma = 1`` is multistep CM."""
+    """TCD's strategic stochastic sampling; ``gamma = 0`` is deterministic DDIM-like, ``gamma = 1`` is multistep CM.
+    ``prior_std``: as in :func:`multistep_sample`."""
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
     sigmas = [float(s) for s in sigmas]
-    x = sigmas[0] * z
+    x = (sigmas[0] if prior_std is None else prior_std) * z
     x0 = _d(denoise, x, sigmas[0], cond)
     for i, s_next in enumerate(sigmas[1:]):
         s = sigmas[i]

@@ -102,9 +102,11 @@ def sample_batch(
     if spec.kind == "multistep":
         noise = [d.to(device) for d in draws[1:]]
         floor = getattr(model, "renoise_floor", 0.0)
-        return multistep_sample(model.denoise, z, spec.sigmas, cond, noise=noise, sigma_min=floor)
+        prior = model.prior_std(float(spec.sigmas[0])) if hasattr(model, "prior_std") else None
+        return multistep_sample(model.denoise, z, spec.sigmas, cond, noise=noise, sigma_min=floor, prior_std=prior)
     sigmas = torch.tensor(spec.sigmas)
-    return heun_sample(model, spec.sigmas[0] * z, sigmas, cond)
+    prior = model.prior_std(float(spec.sigmas[0])) if hasattr(model, "prior_std") else float(spec.sigmas[0])
+    return heun_sample(model, prior * z, sigmas, cond)
 
 
 def iter_generate(

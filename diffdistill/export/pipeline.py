@@ -206,7 +206,8 @@ class DiffDistillPipeline(DiffusionPipeline):
         if gamma is None:
             # the noise of each further step, drawn like the latents (CPU generators work for any device)
             noise = [randn_tensor(shape, generator=generator, device=device, dtype=dtype) for _ in steps[1:]]
-            x = multistep_sample(gen.denoise, z, steps, cond, noise=noise, sigma_min=gen.renoise_floor)
+            prior = gen.prior_std(float(steps[0]))
+            x = multistep_sample(gen.denoise, z, steps, cond, noise=noise, sigma_min=gen.renoise_floor, prior_std=prior)
         else:
             if isinstance(generator, list) or (generator is not None and generator.device.type != z.device.type):
                 raise ValueError(f"TCD sampling needs one torch.Generator on the pipeline's device ({z.device.type})")

@@ -46,6 +46,14 @@ class ConsistencyDenoiser(Denoiser):
         self.sigma_min = float(inner.sigma_min if sigma_min is None else sigma_min)
         self.sigma_max = float(inner.sigma_max)
         self.num_classes = getattr(inner, "num_classes", None)
+        self.has_null_class = getattr(inner, "has_null_class", True)
+
+    @property
+    def null_prompt(self) -> Conditioning | None:
+        return self.inner.null_prompt
+
+    def prior_std(self, sigma: float) -> float:
+        return self.inner.prior_std(sigma)
 
     @property
     def boundary_sigma(self) -> float:

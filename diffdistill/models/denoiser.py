@@ -21,6 +21,7 @@ class Denoiser(nn.Module):
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     num_classes: int | None = None  # class-conditional models: the null class is ``num_classes``
+    has_null_class: bool = True  # False: a class-conditional network trained without a null class (no CFG)
 
     def forward(self, x: Tensor, sigma: Tensor | float, cond: Conditioning | None = None) -> Tensor:
         sigma = as_sigma(sigma, x.shape[0], x.device)
@@ -38,6 +39,25 @@ class Denoiser(nn.Module):
         """Shape of one sample (without the batch dim)."""
         raise NotImplementedError
 
+    @property
+    def null_prompt(self) -> Conditioning | None:
+        """The null condition of a prompt-conditioned model (the empty prompt's embeddings, batch 1); ``None`` for
+        models without prompts. Adapters of text-to-image networks override it."""
+        return None
+
+    def uncond(self, cond: Conditioning) -> Conditioning | None:
+        """The unconditional counterpart of ``cond`` for classifier-free guidance (null class, negative or null
+        prompt: :meth:`Conditioning.unconditional`), ``None`` when ``cond`` has nothing to guide."""
+        null_class = self.num_classes if self.has_null_class else None
+        return cond.unconditional(null_class, self.null_prompt)
+
+    def prior_std(self, sigma: float | Tensor) -> float | Tensor:
+        """The scale of unit noise ``z`` that starts sampling at ``sigma`` in this model's EDM view: ``sigma`` (the
+        EDM prior ``x = sigma z``). Adapters whose native samplers start from unit noise in their own space override
+        it (VP: ``x_vp = z``, flow: ``x_rf = z``) so that a stock pipeline, drawing the same ``z``, reproduces the
+        student's samples. Takes and returns a float or a ``[B]`` tensor."""
+        return sigma
+
 
 class WrapsDenoiser:
     """Mixin for roles that hold a ``self.denoiser``: expose its noise range, classes and sample shape."""
@@ -47,6 +67,14 @@ class WrapsDenoiser:
     sigma_max = property(lambda self: self.denoiser.sigma_max)
     num_classes = property(lambda self: self.denoiser.num_classes)
     sample_shape = property(lambda self: self.denoiser.sample_shape)
+    has_null_class = property(lambda self: self.denoiser.has_null_class)
+    null_prompt = property(lambda self: self.denoiser.null_prompt)
+
+    def uncond(self, cond: Conditioning) -> Conditioning | None:
+        return self.denoiser.uncond(cond)
+
+    def prior_std(self, sigma):
+        return self.denoiser.prior_std(sigma)
 
 
 class EDMDenoiser(Denoiser):
@@ -63,6 +91,7 @@ class EDMDenoiser(Denoiser):
         self.net = net
         self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
         self.num_classes = getattr(net, "num_classes", None)
+        self.has_null_class = bool(getattr(net, "null_class", True))
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -110,9 +110,16 @@ class Generator(WrapsDenoiser, nn.Module):
         """One-step generation from unit noise ``z`` (optionally at another input sigma)."""
         s = self.sigma_init if sigma is None else sigma
         sigma_t = as_sigma(s, z.shape[0], z.device)
+        return self.denoiser(self.noise_input(z, sigma_t), sigma_t, self._guided(cond))
+
+    def noise_input(self, z: Tensor, sigma: Tensor | float) -> Tensor:
+        """The student's input for unit noise ``z`` at ``sigma`` (``[B]`` or a float): ``prior_std(sigma) z``, which
+        is ``sigma z`` for EDM-family networks and unit noise in the native space of VP / flow adapters."""
         from diffdistill.conventions import append_dims
 
-        return self.denoiser(append_dims(sigma_t, z.ndim) * z, sigma_t, self._guided(cond))
+        if not torch.is_tensor(sigma):
+            return float(self.prior_std(float(sigma))) * z
+        return append_dims(self.prior_std(sigma).to(z.dtype), z.ndim) * z
 
     def sample(
         self,
@@ -124,9 +131,10 @@ class Generator(WrapsDenoiser, nn.Module):
     ) -> Tensor:
         """Few-step sampling: consistency multistep (default) or TCD gamma sampling when ``gamma`` is set."""
         sigmas = self.sampling_sigmas if sigmas is None else [float(s) for s in sigmas]
+        prior = self.prior_std(sigmas[0])
         if gamma is not None:
-            return tcd_sample(self.denoise, z, sigmas, gamma, cond, generator)
-        return multistep_sample(self.denoise, z, sigmas, cond, generator, sigma_min=self.renoise_floor)
+            return tcd_sample(self.denoise, z, sigmas, gamma, cond, generator, prior_std=prior)
+        return multistep_sample(self.denoise, z, sigmas, cond, generator, sigma_min=self.renoise_floor, prior_std=prior)
 
     @property
     def renoise_floor(self) -> float:

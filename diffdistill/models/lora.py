@@ -151,6 +151,17 @@ class SharedBaseDenoiser(Denoiser):
         return getattr(self.shared, "num_classes", None)
 
     @property
+    def has_null_class(self) -> bool:
+        return getattr(self.shared, "has_null_class", True)
+
+    @property
+    def null_prompt(self):
+        return getattr(self.shared, "null_prompt", None)
+
+    def prior_std(self, sigma: float) -> float:
+        return self.shared.prior_std(sigma)
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.shared.sample_shape)
 

@@ -12,6 +12,13 @@ from diffdistill.models.conditioning import Conditioning, as_conditioning
 from diffdistill.models.denoiser import Denoiser, WrapsDenoiser
 
 
+def can_guide(model: nn.Module) -> bool:
+    """Whether ``model`` (a teacher, fake score or denoiser) has an unconditional side for CFG: a null class or a
+    null prompt."""
+    has_class = getattr(model, "num_classes", None) is not None and getattr(model, "has_null_class", True)
+    return has_class or getattr(model, "null_prompt", None) is not None
+
+
 class Teacher(WrapsDenoiser, nn.Module):
     """Frozen denoiser + CFG ``x0_u + w (x0_c - x0_u)`` computed in one batched forward of ``[cond; uncond]``.
 
@@ -40,23 +47,29 @@ class Teacher(WrapsDenoiser, nn.Module):
         sigma = as_sigma(sigma, x.shape[0], x.device)
         cond = as_conditioning(cond)
         w = self.guidance_scale if guidance_scale is None else guidance_scale
-        if not self._guided(cond, w):
-            return self.denoiser(x, sigma, cond)
-        uncond = cond.with_null_class(self.num_classes)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([cond, uncond]))
+        uncond = self._uncond(cond, w)
+        if uncond is None:
+            return self.denoiser(x, sigma, cond.without_negative())
+        both = self.denoiser(
+            torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([cond.without_negative(), uncond])
+        )
         x0_c, x0_u = both.chunk(2)
         return cfg_combine(x0_u, x0_c, w)
 
-    def _guided(self, cond: Conditioning, w) -> bool:
-        if cond.class_labels is None or self.num_classes is None:
-            return False
-        guided = torch.is_tensor(w) or w != 1.0
-        if guided and not getattr(getattr(self.denoiser, "net", None), "null_class", True):
+    def guides(self, cond: Conditioning, w: float | Tensor | None = None) -> bool:
+        """Whether a call with ``cond`` at scale ``w`` (default: the teacher's) runs CFG (two batched passes)."""
+        w = self.guidance_scale if w is None else w
+        return (torch.is_tensor(w) or w != 1.0) and self.denoiser.uncond(cond) is not None
+
+    def _uncond(self, cond: Conditioning, w) -> Conditioning | None:
+        if not (torch.is_tensor(w) or w != 1.0):
+            return None
+        if cond.class_labels is not None and self.num_classes is not None and not self.has_null_class:
             raise ValueError(
                 "classifier-free guidance needs a teacher trained with a null class; this one has none "
                 "(set guidance_scale=1)"
             )
-        return guided
+        return self.denoiser.uncond(cond)
 
     def features(self, x, sigma, cond=None):
         return self.denoiser.features(x, sigma, cond)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.models.consistency import has_boundary_condition, wrap_boundary_condition
+from diffdistill.models.teacher import can_guide
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
 from diffdistill.objectives.common import add_noise, data_noise_scale, per_sample_mean, pseudo_huber
 from diffdistill.schedules.karras import karras_sigmas
@@ -298,7 +299,7 @@ class ConsistencyDistillation(Objective):
 
     def _cfg_factor(self) -> float:
         w = self.guidance_scale if self.guidance_scale is not None else getattr(self.teacher, "guidance_scale", 1.0)
-        guided = getattr(self.teacher, "num_classes", None) is not None and w != 1.0
+        guided = can_guide(self.teacher) and w != 1.0
         return 2.0 if guided else 1.0
 
     def pass_count(self) -> PassCount:

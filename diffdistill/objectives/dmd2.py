@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch, Conditioning
 from diffdistill.models.discriminator import Discriminator
 from diffdistill.objectives import gan
@@ -198,7 +197,7 @@ class DMD2(DMD):
         with torch.set_grad_enabled(grad):
             return backward_simulation(
                 self.generator.denoise,
-                append_dims(sigma, z.ndim) * z,
+                self.generator.noise_input(z, sigma),
                 sigma,
                 self.simulation_steps(step),
                 cond,

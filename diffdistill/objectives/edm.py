@@ -40,8 +40,12 @@ class EDMDenoising(Objective):
         match_sigma_data: ``P_mean`` is the paper's for ``sigma_data = 0.5``; use ``P_mean + ln(sigma_data / 0.5)``
             for the network's ``sigma_data`` (:func:`~diffdistill.conventions.noise_scale`; exact at 0.5).
         weighting: ``"edm"`` = ``lambda(sigma)`` above (the paper) or ``"none"`` (``lambda = 1``).
-        label_dropout: probability of replacing a class label by the null class ``generator.num_classes`` (0 = off;
-            the paper trains without guidance; 0.1 is the usual CFG setting).
+        label_dropout: probability of replacing a sample's condition by the unconditional one (0 = off; the paper
+            trains without guidance; 0.1 is the usual CFG setting): a class label by the null class
+            ``generator.num_classes``, a prompt by the network's null prompt (the empty prompt's embeddings).
+
+    Sigmas are clamped to the network's range ``[sigma_min, sigma_max]`` (a DDPM-family network is defined only on its
+    schedule's range; for EDM networks, ``[0.002, 80]``, the clamp is almost never active).
     """
 
     name = "edm"
@@ -70,11 +74,11 @@ class EDMDenoising(Objective):
             raise ValueError(f"unknown weighting '{weighting}' (use 'edm' or 'none')")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
-        if label_dropout > 0 and not generator.num_classes:
+        if label_dropout > 0 and not generator.num_classes and getattr(generator, "null_prompt", None) is None:
             # the Fashion-MNIST recipe's 0.1 under an unconditional network (e.g. data=toy_gmm): nothing to drop
             log.warning("objective.label_dropout=%g ignored: the denoiser is unconditional", label_dropout)
             label_dropout = 0.0
-        if label_dropout > 0 and not getattr(getattr(generator.denoiser, "net", None), "null_class", True):
+        if label_dropout > 0 and generator.num_classes and not getattr(generator, "has_null_class", True):
             raise ValueError("label_dropout needs a denoiser with a null-class embedding; this one has none")
         self.generator, self.teacher = generator, teacher
         # the density of the network being trained: P_mean + ln(sigma_data / 0.5) (exact at 0.5)
@@ -84,20 +88,29 @@ class EDMDenoising(Objective):
         self.label_dropout = float(label_dropout)
 
     def drop_labels(self, cond: Conditioning) -> Conditioning:
-        """Each class label replaced by the null class ``num_classes`` with probability ``label_dropout``."""
-        labels = cond.class_labels
-        if self.label_dropout <= 0 or labels is None:
+        """Each sample's condition replaced by its unconditional counterpart (null class, null prompt:
+        ``Denoiser.uncond``) with probability ``label_dropout``."""
+        if self.label_dropout <= 0:
             return cond
-        drop = torch.rand(labels.shape[0], device=labels.device) < self.label_dropout
-        null = torch.full_like(labels, self.generator.num_classes)
-        return replace(cond, class_labels=torch.where(drop, null, labels))
+        uncond = self.generator.uncond(cond)
+        if uncond is None:
+            return cond
+        n = cond.batch_size
+        drop = torch.rand(n, device=next(iter(cond._tensors().values())).device) < self.label_dropout
+        cond = cond.without_negative()
+        mixed = {}
+        for k, v in cond._tensors().items():
+            u = getattr(uncond, k)
+            mixed[k] = torch.where(drop.view(-1, *([1] * (v.ndim - 1))), u.to(v.dtype), v) if u is not None else v
+        return replace(cond, **mixed)
 
     def generator_loss(self, batch: Batch, step: int) -> LossOutput:
         x0 = batch.x0
         if x0 is None:
             raise ValueError("EDM denoising needs real samples (Batch.x0)")
         cond = self.drop_labels(batch.cond)
-        sigma = self.sigma_sampler(x0.shape[0], x0.device)
+        den = self.generator.denoiser
+        sigma = self.sigma_sampler(x0.shape[0], x0.device).clamp(den.sigma_min, den.sigma_max)
         loss = denoising_score_matching_loss(self.generator.denoiser, x0, sigma, cond, self.weighting)
         return LossOutput(loss, {"sigma_median": float(sigma.median())})
 

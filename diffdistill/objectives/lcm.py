@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from diffdistill.models.backbones import has_guidance_embedding
 from diffdistill.models.consistency import wrap_boundary_condition
+from diffdistill.models.teacher import can_guide
 from diffdistill.objectives.base import Paper, PassCount, register_objective
 from diffdistill.objectives.common import data_noise_scale
 from diffdistill.objectives.consistency import ConsistencyDistillation, euler_step, heun_step
@@ -157,7 +158,7 @@ class LCM(ConsistencyDistillation):
         """Switch on the student's guidance embedding (LCM §4.2; zero-initialised, so the output is unchanged) and
         record its training range ``[w_min, w_max]``, then add the boundary condition at the smallest grid sigma.
         An unconditional teacher has no guidance to distil, so its students get no embedding."""
-        if embed_guidance and getattr(teacher, "num_classes", 0) is None:
+        if embed_guidance and not can_guide(teacher):
             embed_guidance = False
         if embed_guidance and enable_guidance_embedding(generator) and hasattr(generator, "set_guidance"):
             generator.set_guidance(w_min, w_max)
@@ -182,6 +183,6 @@ class LCM(ConsistencyDistillation):
         return step(self.teacher, x_t, sigma, sigma_next, cond, self._w)
 
     def pass_count(self) -> PassCount:
-        guided = getattr(self.teacher, "num_classes", None) is not None
+        guided = can_guide(self.teacher)
         teacher = (1.0 if self.solver == "ddim" else 2.0) * (2.0 if guided else 1.0)
         return PassCount(forward=teacher + 1.0, forward_grad=1.0, backward=1.0)

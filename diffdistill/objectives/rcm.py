@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch, Conditioning
+from diffdistill.models.teacher import can_guide
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
 from diffdistill.objectives.common import add_noise, backward_simulation, dm_timestep_grid, karras_index_sigmas
 from diffdistill.objectives.dmd import dmd_gradient
@@ -151,7 +151,7 @@ class RCM(Objective):
         cond, n = batch.cond, batch.batch_size
         device = batch.x0.device
         sigma = torch.full((n,), float(self.generator.sigma_init), device=device)
-        x = append_dims(sigma, batch.x0.ndim) * torch.randn_like(batch.x0)
+        x = self.generator.noise_input(torch.randn_like(batch.x0), sigma)
         x0, _ = backward_simulation(
             self.generator.denoise,
             x,
@@ -197,7 +197,7 @@ class RCM(Objective):
         p, m = self.update_schedule.critic_steps_per_generator_step, self.max_student_steps
         sim = (m + 1) / 2  # mean student calls of a backward simulation
         w = self.guidance_scale if self.guidance_scale is not None else getattr(self.teacher, "guidance_scale", 1.0)
-        cfg = 2.0 if (getattr(self.teacher, "num_classes", None) is not None and w != 1.0) else 1.0
+        cfg = 2.0 if (can_guide(self.teacher) and w != 1.0) else 1.0
         scm = self.scm.pass_count()
         # student step: sCD term + (sim - 1) no-grad student calls, the last with a graph and its backward,
         # teacher (CFG) and fake forwards

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.models.consistency import AdaptiveWeight, trigflow_F
+from diffdistill.models.teacher import can_guide
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
 from diffdistill.objectives.common import data_noise_scale, per_sample_mean
 from diffdistill.objectives.consistency import RNGState
@@ -256,7 +257,7 @@ class SCM(Objective):
         teacher = 0.0
         if self.mode == "scd":
             w = self.guidance_scale if self.guidance_scale is not None else getattr(self.teacher, "guidance_scale", 1.0)
-            teacher = 2.0 if (getattr(self.teacher, "num_classes", None) is not None and w != 1.0) else 1.0
+            teacher = 2.0 if (can_guide(self.teacher) and w != 1.0) else 1.0
         if self.jvp_backend == "autograd":
             return PassCount(forward=teacher, forward_grad=1.0, backward=1.0, jvp=1.0)
         return PassCount(forward=teacher + 3.0, forward_grad=1.0, backward=1.0)

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from diffdistill.conventions import append_dims, as_sigma, cfg_combine
 from diffdistill.models.conditioning import Batch, Conditioning
 from diffdistill.models.denoiser import edm_loss_weight
-from diffdistill.models.teacher import Teacher
+from diffdistill.models.teacher import Teacher, can_guide
 
 # ----------------------------------------------------------------------------------------------------------------
 # noise levels
@@ -63,7 +63,7 @@ def generate(generator: nn.Module, batch: Batch, num_steps: int, grad: bool) -> 
     sigmas = generator.sampling_sigmas[:num_steps] if num_steps > 1 else [generator.sigma_init]
     j = int(torch.randint(len(sigmas), ())) if len(sigmas) > 1 else 0
     floor = float(getattr(generator, "renoise_floor", 0.0))
-    x = sigmas[0] * z
+    x = generator.noise_input(z, sigmas[0]) if hasattr(generator, "noise_input") else sigmas[0] * z
     for i in range(j + 1):
         with torch.set_grad_enabled(grad and i == j):
             x0 = generator.denoise(x, as_sigma(sigmas[i], x.shape[0], device), batch.cond)
@@ -97,11 +97,10 @@ def guided_denoise(model: nn.Module, x: Tensor, sigma: Tensor, cond: Conditionin
     """
     if isinstance(model, Teacher):
         return model(x, sigma, cond, guidance_scale=w)
-    num_classes = getattr(model, "num_classes", None)
-    if w is None or w == 1.0 or cond.class_labels is None or num_classes is None:
-        return model(x, sigma, cond)
-    uncond = cond.with_null_class(num_classes)
-    both = model(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([cond, uncond]))
+    uncond = model.uncond(cond) if (w is not None and w != 1.0) else None
+    if uncond is None:
+        return model(x, sigma, cond.without_negative())
+    both = model(torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([cond.without_negative(), uncond]))
     x0_c, x0_u = both.chunk(2)
     return cfg_combine(x0_u, x0_c, w)
 
@@ -120,7 +119,7 @@ def guidance_passes(model: nn.Module, w: float | None) -> float:
     """Forwards one guided call costs (2 with CFG on a class-conditional model, else 1)."""
     if w is None:
         w = getattr(model, "guidance_scale", 1.0)
-    return 2.0 if (getattr(model, "num_classes", None) is not None and w != 1.0) else 1.0
+    return 2.0 if (can_guide(model) and w != 1.0) else 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
