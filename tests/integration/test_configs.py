@@ -23,6 +23,8 @@ MANDATORY = {
     ("data", "webdataset"): "shards",
     ("data", "hf_datasets"): "path",
     ("backbone", "diffusers_vp"): "path",
+    ("backbone", "sd"): "path",
+    ("backbone", "sdxl"): "path",
     ("backbone", "edm_diffusers"): "path",
     ("backbone", "pretrained"): "path",
 }
