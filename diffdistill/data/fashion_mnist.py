@@ -19,6 +19,8 @@ from diffdistill.utils.paths import cache_dir
 
 DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+# the class names as caption words (lower case, the '/' dropped): what the packaged text-to-image teacher was trained on
+PROMPT_WORDS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -84,11 +86,21 @@ def FashionMNIST(
     download: bool = False,
     limit: int | None = None,
     xflip: bool = False,
+    channels: int = 1,
+    prompts: str | None = None,
+    keep_labels: bool = True,
 ) -> ImageTensorDataset:
     """Fashion-MNIST as an in-memory :class:`ImageTensorDataset` (uint8, padded to ``resolution``); ``xflip`` adds the
-    mirror image of every sample."""
+    mirror image of every sample; ``channels=3`` replicates the grey channel (RGB networks and VAEs).
+
+    ``prompts`` (a template such as ``"a photo of a {}"``) gives every sample a caption, the template filled with its
+    class word (``PROMPT_WORDS``; :class:`~diffdistill.data.prompts.CaptionedImages`): text-to-image teachers
+    condition on it; with ``keep_labels=False`` the batches carry the captions only.
+    """
     if split not in _FILES:
         raise ValueError(f"split must be one of {list(_FILES)}, got '{split}'")
+    if channels not in (1, 3):
+        raise ValueError(f"data.channels must be 1 or 3, got {channels}")
     folder = locate_fashion_mnist(root, download)
     img_stem, lab_stem = _FILES[split]
     images = read_idx(_find(folder, img_stem))
@@ -106,11 +118,19 @@ def FashionMNIST(
         images = (
             torch.nn.functional.interpolate(padded, size=(resolution, resolution), mode="area").round().to(torch.uint8)
         )
-    return ImageTensorDataset(
+    if channels == 3:
+        images = images.expand(-1, 3, -1, -1).contiguous()
+    name = f"fashion_mnist-{split}-{resolution}" + ("-rgb" if channels == 3 else "")
+    data = ImageTensorDataset(
         images,
         torch.from_numpy(labels.astype(np.int64)),
         num_classes=10,
-        name=f"fashion_mnist-{split}-{resolution}",
+        name=name,
         class_names=CLASSES,
         xflip=xflip,
     )
+    if prompts is None:
+        return data
+    from diffdistill.data.prompts import CaptionedImages
+
+    return CaptionedImages(data, prompts, keep_labels, words=PROMPT_WORDS)

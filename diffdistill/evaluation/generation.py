@@ -8,7 +8,7 @@ never on the batch size, the batch it lands in, or the number of devices (a devi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from diffdistill.models.conditioning import Conditioning
 from diffdistill.utils.images import to_uint8
 
 CondFn = Callable[[Tensor], Conditioning]
+Decode = Callable[[Tensor], Tensor]  # latents -> images in [-1, 1] (a latent model's VAE decoder)
 
 
 def per_sample_noise(
@@ -37,6 +38,21 @@ def per_sample_noise(
 def class_conditioning(num_classes: int) -> CondFn:
     """Class labels ``i % num_classes`` (balanced classes whatever the number of images)."""
     return lambda idx: Conditioning(class_labels=(idx % num_classes).long())
+
+
+def prompt_conditioning(prompts: Sequence[str], encoder: Any) -> CondFn:
+    """Sample ``i`` conditioned on ``prompts[i % len(prompts)]``, embedded by ``encoder.encode(list[str]) ->
+    Conditioning`` (a text-to-image teacher's :class:`~diffdistill.models.text.PromptEncoder`): per-sample, so the
+    conditioning of an image does not depend on the batch it lands in."""
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompt conditioning needs at least one prompt")
+
+    def cond_fn(idx: Tensor) -> Conditioning:
+        enc = encoder.encode([prompts[int(i) % len(prompts)] for i in idx])
+        return Conditioning(prompt_embeds=enc.prompt_embeds, pooled_prompt_embeds=enc.pooled_prompt_embeds)
+
+    return cond_fn
 
 
 @dataclass
@@ -118,8 +134,10 @@ def iter_generate(
     spec: SamplerSpec | None = None,
     cond_fn: CondFn | None = None,
     device: str | torch.device = "cpu",
+    decode: Decode | None = None,
 ) -> Iterator[Tensor]:
-    """Yield uint8 image batches ``[b, C, H, W]`` for indices ``start .. start + num_images - 1``.
+    """Yield uint8 image batches ``[b, C, H, W]`` for indices ``start .. start + num_images - 1``; a latent model's
+    samples are turned into images by ``decode`` first.
 
     The model is put in eval mode for the duration and restored afterwards (safe inside a training loop).
     """
@@ -129,7 +147,11 @@ def iter_generate(
     try:
         for lo in range(start, start + num_images, batch_size):
             idx = torch.arange(lo, min(lo + batch_size, start + num_images))
-            yield to_uint8(sample_batch(model, idx, spec, seed, cond_fn, device).float()).cpu()
+            x = sample_batch(model, idx, spec, seed, cond_fn, device)
+            if decode is not None:
+                with torch.no_grad():
+                    x = decode(x)
+            yield to_uint8(x.float()).cpu()
     finally:
         model.train(was_training)
 
@@ -145,15 +167,17 @@ def generate(
     num_classes: int | None = None,
     cond_fn: CondFn | None = None,
     device: str | torch.device = "cpu",
+    decode: Decode | None = None,
 ) -> Tensor:
     """``num_images`` uint8 images ``[N, C, H, W]``, image ``i`` seeded by ``seed + start + i``.
 
     Class-conditional models (``num_classes`` given or ``model.num_classes``) get labels ``i % num_classes``
-    unless ``cond_fn`` is given.
+    unless ``cond_fn`` is given (:func:`prompt_conditioning` for text-to-image models); latent models give
+    ``decode`` (their VAE's ``LatentCodec.decode``).
     """
     spec = sampler_spec(model, steps, sigmas)
     if cond_fn is None:
         n = num_classes if num_classes is not None else getattr(model, "num_classes", None)
         cond_fn = class_conditioning(n) if n else None
-    batches = list(iter_generate(model, num_images, seed, batch_size, start, spec, cond_fn, device))
+    batches = list(iter_generate(model, num_images, seed, batch_size, start, spec, cond_fn, device, decode))
     return torch.cat(batches) if batches else torch.zeros((0, *model.sample_shape), dtype=torch.uint8)

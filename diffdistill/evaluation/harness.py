@@ -25,7 +25,13 @@ from torch import nn
 
 from diffdistill.evaluation import metrics as M
 from diffdistill.evaluation.extractors import CLIP, FeatureExtractor, build_extractor
-from diffdistill.evaluation.generation import CondFn, class_conditioning, iter_generate, sampler_spec
+from diffdistill.evaluation.generation import (
+    CondFn,
+    class_conditioning,
+    iter_generate,
+    prompt_conditioning,
+    sampler_spec,
+)
 from diffdistill.evaluation.reference import ReferenceStats, describe_dataset, reference_stats
 
 METRICS = ("fid", "kid", "precision", "recall", "clip_score", "clip_fid")
@@ -70,7 +76,11 @@ class Evaluator:
         clip_kwargs: constructor arguments of the CLIP extractor (``checkpoint=``).
         prompts: captions for CLIP score, sample ``i`` uses ``prompts[i % len(prompts)]``; default for class
             conditional models: ``prompt_template`` filled with the reference's class names.
-        cond_fn: custom conditioning ``indices -> Conditioning`` (e.g. prompt embeddings); overrides classes.
+        cond_fn: custom conditioning ``indices -> Conditioning``; overrides classes and prompts.
+        prompt_encoder: a text-to-image model's text encoder (``encode(list[str]) -> Conditioning``): sample ``i``
+            is conditioned on the caption CLIP score pairs it with (``prompts``, see :meth:`prompts_for`).
+        latent: a latent model's VAE (``LatentCodec``): samples are decoded to images before any extractor.
+            In-loop, :meth:`attach` takes both (and the run's captions) from the teacher and the data.
         kid_subsets / kid_subset_size: clean-fid KID subsets (100 x 1000, its defaults).
         pr_k: k of the precision/recall k-NN manifolds (3, the paper's).
         device: where generation and feature extraction run (``None``: the device of the first model scored,
@@ -99,6 +109,8 @@ class Evaluator:
         prompts: Sequence[str] | None = None,
         prompt_template: str = "a photo of a {}.",
         cond_fn: CondFn | None = None,
+        prompt_encoder: Any = None,
+        latent: Any = None,
         kid_subsets: int = 100,
         kid_subset_size: int = 1000,
         pr_k: int = 3,
@@ -135,6 +147,7 @@ class Evaluator:
         self.num_classes = num_classes
         self.prompts = list(prompts) if prompts else None
         self.prompt_template, self.cond_fn = prompt_template, cond_fn
+        self.prompt_encoder, self.latent = prompt_encoder, latent
         self.kid_subsets, self.kid_subset_size, self.pr_k = kid_subsets, kid_subset_size, pr_k
         self.cache, self.verbose = cache, verbose
         self._extractor: FeatureExtractor | None = None
@@ -186,7 +199,23 @@ class Evaluator:
         names = getattr(self.reference, "class_names", None)
         if num_classes and names:
             return [self.prompt_template.format(names[i % num_classes]) for i in range(n)]
-        raise ValueError("clip_score needs `prompts` (or a class-conditional model and a reference with class_names)")
+        raise ValueError(
+            "clip_score and text-to-image generation need `prompts` (captions; in-loop: data with captions), or a "
+            "class-conditional model and a reference with class_names"
+        )
+
+    def attach(self, teacher: nn.Module | None = None, dataset: Any = None) -> None:
+        """Take what a latent text-to-image run needs from its teacher (text encoder, VAE) and data (captions, when
+        no ``prompts`` were given); what was set explicitly is kept. The trainer calls it for in-loop evaluation."""
+        if teacher is not None:
+            if self.prompt_encoder is None:
+                self.prompt_encoder = getattr(teacher, "prompt_encoder", None)
+            if self.latent is None:
+                self.latent = getattr(teacher, "latent", None)
+        if self.prompt_encoder is not None and not self.prompts and dataset is not None:
+            from diffdistill.data.prompts import dataset_prompts
+
+            self.prompts = dataset_prompts(dataset) or None
 
     # -------------------------------------------------------------------------------------------- scoring
     def generate(self, model: nn.Module) -> torch.Tensor:
@@ -197,18 +226,27 @@ class Evaluator:
             self.device = p.device if p is not None else torch.device("cpu")
         spec = sampler_spec(model, self.sampler_steps, self.sigmas)
         nc = self._num_classes(model)
-        cond_fn = self.cond_fn or (class_conditioning(nc) if nc else None)
+        cond_fn = self.cond_fn
+        if cond_fn is None and self.prompt_encoder is not None:  # image i: the caption CLIP score pairs it with
+            cond_fn = prompt_conditioning(self.prompts_for(self.num_images, nc), self.prompt_encoder)
+        elif cond_fn is None and nc:
+            cond_fn = class_conditioning(nc)
         self.last_sampler = {
             **spec.protocol(),
             "num_classes": nc,
             "guidance_scale": getattr(model, "guidance_scale", None),
+            "prompts": self.prompt_encoder is not None,
+            "latent_decoded": self.latent is not None,
         }
         # each process generates its share of the per-sample seeds; the gathered set is the same for any number of
         # processes, since image i depends only on (model, seed + i)
         from diffdistill.utils.distributed import gather_cat, shard
 
         start, stop = shard(self.num_images)
-        mine = list(iter_generate(model, stop - start, self.seed, self.batch_size, start, spec, cond_fn, self.device))
+        decode = self.latent.decode if self.latent is not None else None
+        mine = list(
+            iter_generate(model, stop - start, self.seed, self.batch_size, start, spec, cond_fn, self.device, decode)
+        )
         return gather_cat(torch.cat(mine) if mine else torch.empty(0, dtype=torch.uint8))
 
     def score_images(self, images: torch.Tensor, num_classes: int | None = None) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""PNG plots of each metric against training step from a results JSON (matplotlib, Agg backend)."""
+"""PNG plots of each metric against training step from a results JSON (matplotlib, Agg backend), and the
+prompt-labelled sample grids of text-to-image runs."""
 
 from __future__ import annotations
 
@@ -68,3 +69,86 @@ def plot_results(
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:
+    """``text`` broken at spaces into at most ``max_lines`` lines of at most ``width`` px (the last one cut with
+    an ellipsis when the text is longer)."""
+    lines: list[str] = []
+    for word in text.split() or [""]:
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] += "..."
+    for i, line in enumerate(lines):  # a single word wider than the cell
+        while font.getlength(line) > width and len(line) > 1:
+            line = line[:-4] + "..." if len(line) > 4 else line[:-1]
+        lines[i] = line
+    return lines
+
+
+def prompt_grid_image(
+    panels: list,
+    prompts: list[str],
+    labels: list[str] | None = None,
+    title: str | None = None,
+    min_cell: int = 96,
+    max_lines: int = 4,
+):
+    """Sample grids of a text-to-image model, one column per prompt: image ``i`` of each panel (``[B, C, H, W]`` in
+    ``[-1, 1]``, same seeds per cell) conditioned on ``prompts[i % len(prompts)]``. The prompts head the columns
+    (wrapped), each panel (teacher, student, ...) is a block of rows under its label. Returns a PIL image."""
+    from PIL import Image, ImageDraw
+
+    from diffdistill.utils.images import BLACK, WHITE, _header, load_font, to_uint8
+
+    if not prompts:
+        raise ValueError("prompt_grid_image needs at least one prompt")
+    if labels is not None and len(labels) != len(panels):
+        raise ValueError(f"{len(labels)} labels for {len(panels)} panels")
+    k = len(prompts)
+    h, w = panels[0].shape[-2:]
+    scale = max(1, -(-min_cell // max(h, w)))
+    cw, ch, gap = w * scale, h * scale, 4
+    width = k * cw + (k + 1) * gap
+    font = load_font(max(9, min(14, cw // 8)))
+    line_h = font.getbbox("Ag")[3] + 2
+    wrapped = [_wrap(p or "(empty prompt)", font, cw - 4, max_lines) for p in prompts]
+    head_h = max(len(x) for x in wrapped) * line_h + 2 * gap
+    blocks = []
+    for i, panel in enumerate(panels):
+        imgs = to_uint8(panel.detach().float().cpu())
+        if imgs.shape[1] == 1:
+            imgs = imgs.expand(-1, 3, -1, -1)
+        rows = -(-imgs.shape[0] // k)
+        block = Image.new("RGB", (width, rows * (ch + gap)), WHITE)
+        for j in range(imgs.shape[0]):
+            cell = Image.fromarray(imgs[j].permute(1, 2, 0).numpy()).resize((cw, ch), Image.NEAREST)
+            block.paste(cell, (gap + (j % k) * (cw + gap), (j // k) * (ch + gap)))
+        if labels is not None:
+            strip = _header(labels[i], width, max(11, min(20, width // 40)))
+            both = Image.new("RGB", (width, strip.height + block.height), WHITE)
+            both.paste(strip, (0, 0))
+            both.paste(block, (0, strip.height))
+            block = both
+        blocks.append(block)
+    top = _header(title, width, max(12, min(24, width // 32))) if title else None
+    height = (top.height if top else 0) + head_h + sum(b.height for b in blocks) + gap
+    canvas = Image.new("RGB", (width, height), WHITE)
+    y = 0
+    if top is not None:
+        canvas.paste(top, (0, 0))
+        y = top.height
+    draw = ImageDraw.Draw(canvas)
+    for j, lines in enumerate(wrapped):
+        for n, line in enumerate(lines):
+            x = gap + j * (cw + gap) + (cw - int(font.getlength(line))) // 2
+            draw.text((x, y + gap + n * line_h), line, fill=BLACK, font=font)
+    y += head_h
+    for b in blocks:
+        canvas.paste(b, (0, y))
+        y += b.height
+    return canvas

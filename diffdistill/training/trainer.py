@@ -37,6 +37,7 @@ from diffdistill.training.checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from diffdistill.training.conditioning import encode_prompts, latent_codec_of, prepare_batch, prompt_encoder_of
 from diffdistill.training.ema import EMA
 from diffdistill.training.logging import LoggerConfig, MetricWindow, TrackerLogger, build_trackers
 from diffdistill.training.optim import OptimizerSpec, count_generator_updates
@@ -101,6 +102,8 @@ class TrainerConfig:
             that backpropagate through it). Same gradients, less activation memory, about one more forward.
         tf32: TF32 matmuls and convolutions on CUDA for fp32 work (the fp32 parts of a bf16 run, fp32 runs);
             no effect on CPU.
+        grid_prompts: the prompts of a text-to-image teacher's sample grid (one per column; ``null`` = the data's
+            first distinct captions, at most 8).
     """
 
     max_steps: int = 1000
@@ -127,6 +130,7 @@ class TrainerConfig:
     seed: int = 0
     gradient_checkpointing: bool | list[str] = False
     tf32: bool = False
+    grid_prompts: list[str] | None = None
 
     def __post_init__(self) -> None:
         """Types and ranges are checked when the run is built, each failure one line naming its key."""
@@ -188,13 +192,32 @@ class TrainerConfig:
 
 
 def check_data_matches(dataset, generator: nn.Module, teacher: nn.Module, batch_size: int) -> None:
-    """The data fits the networks: sample shape, class labels within the teacher's classes, enough samples."""
+    """The data fits the networks: sample shape (a latent teacher also takes the images its VAE encodes), captions
+    only for a teacher with a text encoder, class labels within the teacher's classes, enough samples."""
     shape = getattr(dataset, "sample_shape", None)
     want = tuple(getattr(generator, "sample_shape", ()) or ())
-    if shape is not None and want and tuple(shape) != want:
+    codec = latent_codec_of(teacher)
+    pixels = tuple(codec.image_shape(want)) if codec is not None and want else None
+    if shape is not None and want and tuple(shape) not in (want, pixels):
+        also = f" or images of shape {pixels} for its VAE" if pixels else ""
         raise ValueError(
-            f"the data's samples have shape {tuple(shape)} but the student/teacher network takes {want} "
+            f"the data's samples have shape {tuple(shape)} but the student/teacher network takes {want}{also} "
             "(check data.resolution / data.channels / data.dim against the backbone)"
+        )
+    scale = getattr(dataset, "scaling_factor", None)
+    if scale is not None and codec is not None and getattr(codec, "scaling_factor", scale) != scale:
+        raise ValueError(
+            f"the latents of the data were encoded with scaling_factor {scale}, but the teacher's VAE uses "
+            f"{codec.scaling_factor}: re-encode them with this teacher's VAE (diffdistill.data.latents.encode_latents)"
+        )
+    if (
+        getattr(dataset, "captions", None) is not None
+        and prompt_encoder_of(teacher) is None
+        and not (getattr(teacher, "num_classes", None) and getattr(dataset, "num_classes", None))
+    ):
+        raise ValueError(
+            f"the data ({getattr(dataset, 'name', type(dataset).__name__)}) serves prompts, but the teacher has no "
+            "text encoder: use a text-to-image teacher (backbone group) or data without captions"
         )
     n_data, n_teacher = getattr(dataset, "num_classes", None), getattr(teacher, "num_classes", None)
     if n_data is not None and n_teacher is not None and n_data > n_teacher:
@@ -245,13 +268,21 @@ class DistillTrainer:
         self.objective, self.roles, self.teacher, self.dataset = objective, roles, teacher, dataset
         self.run_dir = Path(run_dir)
         self.evaluator, self.run_config = evaluator, run_config
+        if evaluator is not None and hasattr(evaluator, "attach"):  # text encoder, VAE and prompts of the run
+            evaluator.attach(teacher, dataset)
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         missing = [r for r in (*objective.roles, *objective.frozen_roles) if r not in roles]
         if missing:
             raise ValueError(f"objective '{objective.name}' needs roles {missing}, which were not built")
         if objective.requires_real_data and getattr(dataset, "sample_shape", None) is None:
-            raise ValueError(f"objective '{objective.name}' needs real data, but the dataset provides none")
+            what = "prompts only" if getattr(dataset, "captions", None) is not None else "no samples"
+            raise ValueError(
+                f"objective '{objective.name}' trains on real samples, but the data group "
+                f"({getattr(dataset, 'name', type(dataset).__name__)}) serves {what}: choose data with samples, "
+                "e.g. data=latents (precomputed latents with captions), data=fashion_mnist_t2i (images with "
+                "captions) or an image dataset; prompt-only data suits data-free objectives (dmd, sid, ...)"
+            )
         device = self.cfg.device
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
         mp = self.cfg.mixed_precision  # None: accelerate reads the launcher's / `accelerate config`'s choice
@@ -491,8 +522,9 @@ class DistillTrainer:
 
     def _micro_batches(self) -> list[tuple[int, Batch]]:
         """This process's micro-batches of the iteration, each with its virtual rank ``v`` (its slice of the
-        global batch and its seeds; see diffdistill/utils/distributed.py)."""
-        return self.data.next()
+        global batch and its seeds; see diffdistill/utils/distributed.py), prompts encoded and pixels turned into
+        the teacher's latents (:func:`~diffdistill.training.conditioning.prepare_batch`)."""
+        return [(v, prepare_batch(b, self.teacher)) for v, b in self.data.next()]
 
     def _update(self, names: tuple[str, ...], kind: str, loss_fn, micro: list[tuple[int, Batch]]) -> dict | None:
         """One optimiser step of ``names``: the loss of every micro-batch, each seeded by its virtual rank,
@@ -585,11 +617,26 @@ class DistillTrainer:
     # ------------------------------------------------------------------------------------------
     # samples
 
+    def _grid_prompts(self) -> list[str] | None:
+        """The fixed prompts of a text-to-image teacher's grid (``trainer.grid_prompts``, else the data's first
+        distinct captions, else the empty prompt); ``None`` for teachers without a text encoder."""
+        from diffdistill.data.prompts import dataset_prompts
+
+        if prompt_encoder_of(self.teacher) is None:
+            return None
+        if self.cfg.grid_prompts:
+            return list(self.cfg.grid_prompts)
+        return dataset_prompts(self.dataset, min(8, max(1, self.cfg.num_grid_samples))) or [""]
+
     def _grid_inputs(self) -> tuple[torch.Tensor, Conditioning]:
         shape = self.roles["generator"].sample_shape
         # points of flat (toy) data are cheap and a scatter of a few dozen shows no modes
         n = self.cfg.num_grid_samples if len(shape) != 1 else max(self.cfg.num_grid_samples, 1000)
         z = torch.randn(n, *shape, generator=torch.Generator().manual_seed(12345))
+        prompts = self._grid_prompts()
+        if prompts is not None:  # column j of the grid shows prompt j
+            cond = encode_prompts([prompts[i % len(prompts)] for i in range(n)], self.teacher, self.device)
+            return z.to(self.device), cond
         k = getattr(self.teacher, "num_classes", None)
         cond = Conditioning(class_labels=torch.arange(n) % k) if k else Conditioning()
         return z.to(self.device), cond.to(self.device)
@@ -608,7 +655,8 @@ class DistillTrainer:
     def _heun(self, model: nn.Module, denoise, z: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """``teacher_sample_steps`` Heun steps over ``model``'s Karras grid (Karras et al. 2022, Alg. 1)."""
         sig = karras_sigmas(self.cfg.teacher_sample_steps, model.sigma_min, model.sigma_max, append_zero=True)
-        return heun_sample(denoise, z * sig[0], sig, cond)
+        prior = model.prior_std(float(sig[0])) if hasattr(model, "prior_std") else float(sig[0])
+        return heun_sample(denoise, z * prior, sig, cond)
 
     def _grid_labels(self, few_steps: int | None) -> tuple[str, list[str]]:
         """The figure title (objective, training step) and one header per panel (sampler, steps, NFE)."""
@@ -642,7 +690,16 @@ class DistillTrainer:
         panels = [teacher, student] + ([few] if few is not None else [])
         path = self.run_dir / "samples" / f"step{self.step:07d}.png"
         image = None
-        if student.ndim == 4:
+        codec = latent_codec_of(self.teacher)
+        if codec is not None:  # latents are shown as the images the teacher's VAE decodes them to
+            panels = [codec.decode(p.to(self.device)).float() for p in panels]
+        prompts = self._grid_prompts()
+        if student.ndim == 4 and prompts is not None:
+            from diffdistill.evaluation.plot import prompt_grid_image
+
+            image = prompt_grid_image(panels, prompts[: student.shape[0]], labels, title)
+            save_png(image, path)
+        elif student.ndim == 4:
             image = side_by_side_image(panels, labels, title)
             save_png(image, path)
         elif student.ndim == 2:

@@ -25,6 +25,9 @@ MANDATORY = {
     ("backbone", "diffusers_vp"): "path",
     ("backbone", "sd"): "path",
     ("backbone", "sdxl"): "path",
+    ("data", "prompts"): "path",
+    ("data", "coco_captions"): "path",
+    ("data", "latents"): "path",
     ("backbone", "edm_diffusers"): "path",
     ("backbone", "pretrained"): "path",
 }

@@ -1,0 +1,165 @@
+"""Latent text-to-image runs end to end on a tiny SD pipeline: prompt-only data (data-free DMD), captioned pixel
+data encoded by the teacher's VAE, precomputed latents; prompt-labelled grids; in-loop CLIP score."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffdistill.training.builders import build_trainer
+from tests.helpers import compose_train
+
+PROMPTS = ["a red cube", "blue sky", "a dog", "a cat", "a red cube"]
+PANEL = 96  # prompt_grid_image's smallest cell width
+
+
+@pytest.fixture(scope="module")
+def t2i(tmp_path_factory):
+    """A tiny SD pipeline (16 px images, 4x8x8 latents), a prompt file and a latents file of captioned images."""
+    from diffdistill.data import CaptionedImages, SyntheticImages, encode_latents
+    from diffdistill.models.latent import LatentCodec
+    from diffdistill.testing.tiny_t2i import tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("t2i")
+    pipe = tiny_sd_pipeline(root / "pipe", kind="sd", image_size=16)
+    (root / "prompts.txt").write_text("# grid prompts first\n" + "\n".join(PROMPTS) + "\n")
+    names = tuple(f"shape {k}" for k in range(10))
+    images = CaptionedImages(SyntheticImages(num=32, resolution=16, channels=3), "a photo of a {}", words=names)
+    latents = encode_latents(images, LatentCodec.from_pretrained(pipe), root / "latents.safetensors", batch_size=16)
+    return {"pipe": pipe, "prompts": root / "prompts.txt", "latents": latents, "names": names}
+
+
+def _fashion_mnist_available() -> bool:
+    from diffdistill.data.fashion_mnist import locate_fashion_mnist
+
+    try:
+        locate_fashion_mnist()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+DATA = {
+    "prompts": lambda t: ["data=prompts", f"data.path={t['prompts']}"],
+    # Fashion-MNIST images with captions at the tiny VAE's 16 px (the downsampled smoke-test copies)
+    "pixels": lambda t: ["data=fashion_mnist_t2i", "data.split=test", "data.limit=64", "data.resolution=16"],
+    "latents": lambda t: ["data=latents", f"data.path={t['latents']}", "data.keep_labels=false"],
+}
+
+
+def _cfg(t2i, run_dir, objective, data, extra=()):
+    return compose_train(
+        [
+            "~experiment",
+            "backbone=sd",
+            f"backbone.path={t2i['pipe']}",
+            "backbone.guidance_scale=2.0",
+            f"objective={objective}",
+            *DATA[data](t2i),
+            "trainer=tiny",
+            "trainer.device=cpu",
+            "trainer.max_steps=3",
+            "trainer.batch_size=2",
+            "trainer.sample_every=3",
+            "trainer.checkpoint_every=3",
+            "trainer.num_grid_samples=8",
+            "trainer.teacher_sample_steps=2",
+            "student.sigma_init=14.6",
+            f"run_dir={run_dir}",
+            *extra,
+        ]
+    )
+
+
+def _grid_width(k: int) -> int:
+    return k * PANEL + (k + 1) * 4
+
+
+@pytest.mark.parametrize(
+    "objective,data",
+    [("dmd", "prompts"), ("dmd", "pixels"), ("lcm", "pixels"), ("lcm", "latents")],
+)
+def test_t2i_run_trains_and_writes_a_prompt_grid(tmp_path, t2i, objective, data):
+    """3 steps train (finite losses), checkpoint, and write a grid with one column per distinct caption."""
+    from PIL import Image
+
+    if data == "pixels" and not _fashion_mnist_available():
+        pytest.skip("Fashion-MNIST files not installed")
+    trainer = build_trainer(_cfg(t2i, tmp_path, objective, data))
+    last = trainer.fit()
+    assert trainer.step == 3 and torch.isfinite(torch.tensor(last["generator_loss"]))
+    assert (tmp_path / "checkpoints" / "step0000003").is_dir()
+    want = {
+        "prompts": ["a red cube", "blue sky", "a dog", "a cat"],
+        "pixels": [f"a photo of a {n}" for n in ("t-shirt", "trouser", "pullover", "dress")],
+        "latents": None,
+    }[data]
+    grid = trainer._grid_prompts()
+    if want is not None:
+        assert grid[:4] == want
+    else:  # the distinct captions of the latents file, in file order
+        assert grid == list(dict.fromkeys(trainer.dataset.prompts))[:8]
+    png = tmp_path / "samples" / "step0000003.png"
+    with Image.open(png) as img:  # decoded 16 px images, one column per prompt
+        assert img.width == _grid_width(min(len(grid), 8))
+    # the micro-batches the objective saw: prompt embeddings of the teacher's encoder, latents of its VAE
+    (_, batch), *_ = trainer._micro_batches()
+    assert batch.x0 is None or batch.x0.shape[1:] == (4, 8, 8)
+    ref = trainer.teacher.prompt_encoder.encode(batch.prompts).prompt_embeds
+    assert torch.equal(batch.cond.prompt_embeds, ref)
+
+
+def test_grid_prompts_from_the_trainer_config(tmp_path, t2i):
+    trainer = build_trainer(_cfg(t2i, tmp_path, "dmd", "prompts", ["trainer.grid_prompts=[one,two]"]))
+    assert trainer._grid_prompts() == ["one", "two"]
+    _, cond = trainer._grid_inputs()
+    ref = trainer.teacher.prompt_encoder.encode(["one", "two"] * 4).prompt_embeds
+    assert torch.equal(cond.prompt_embeds, ref)
+
+
+def test_real_data_objective_refuses_prompt_only_data(tmp_path, t2i):
+    with pytest.raises(ValueError, match="serves prompts only.*data=latents"):
+        build_trainer(_cfg(t2i, tmp_path, "lcm", "prompts"))
+
+
+def _tiny_clip(tmp_path: Path):
+    """A random open_clip model of a registered tiny config (CLIP score needs no real weights to be computed)."""
+    import open_clip
+
+    from diffdistill.evaluation.extractors import CLIP
+
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (tmp_path / "tiny-test-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    return CLIP("tiny-test-clip", pretrained=False)
+
+
+def test_in_loop_evaluation_records_clip_score(tmp_path, t2i):
+    """The evaluator takes the run's captions, text encoder and VAE; clip_score pairs image i with its prompt."""
+    from diffdistill.evaluation import Evaluator
+
+    clip = _tiny_clip(tmp_path)
+    ev = Evaluator(metrics=["clip_score"], clip=clip, num_images=6, batch_size=4, seed=0)
+    cfg = _cfg(t2i, tmp_path / "run", "dmd", "prompts", ["trainer.eval_every=3"])
+    trainer = build_trainer(cfg, evaluator=ev)
+    trainer.fit()
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert len(evals) == 1 and 0.0 <= evals[0]["clip_score"] <= 100.0
+    assert ev.prompts == ["a red cube", "blue sky", "a dog", "a cat"]
+    # the same score from images generated by hand with the prompts of each index
+    from diffdistill.evaluation.generation import generate, prompt_conditioning
+    from diffdistill.evaluation.metrics import clip_score
+
+    gen = trainer.ema_generator()
+    enc, codec = trainer.teacher.prompt_encoder, trainer.teacher.latent
+    imgs = generate(gen, 6, seed=0, batch_size=6, cond_fn=prompt_conditioning(ev.prompts, enc), decode=codec.decode)
+    text = clip.encode_texts([ev.prompts[i % 4] for i in range(6)])
+    want = clip_score(torch.from_numpy(clip.extract(imgs)), text)
+    assert evals[0]["clip_cosine"] == pytest.approx(want["clip_cosine"], abs=1e-5)
+    assert evals[0]["clip_score"] == pytest.approx(want["clip_score"], abs=1e-3)
