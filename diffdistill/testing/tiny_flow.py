@@ -1,9 +1,13 @@
 """Tiny random-weight flow-matching pipelines built offline from config (tests and benchmarks only).
 
 :func:`tiny_sd3_pipeline` writes a ``StableDiffusion3Pipeline`` folder shaped like SD3 (16 latent channels, two CLIP
-text encoders with projections, no T5, ``FlowMatchEulerDiscreteScheduler`` with ``shift = 3.0``), sized as
-diffusers' own fast tests size theirs (``tests/pipelines/stable_diffusion_3/test_pipeline_stable_diffusion_3.py``
-``get_dummy_components``), with the 23-token CLIP tokenizer of transformers' tests. Nothing is downloaded.
+text encoders with projections, no T5, ``FlowMatchEulerDiscreteScheduler`` with ``shift = 3.0``), built like the
+dummy components of diffusers' own fast tests
+(``tests/pipelines/stable_diffusion_3/test_pipeline_stable_diffusion_3.py``) but without their hub T5, with the
+23-token CLIP tokenizer of transformers' tests. Nothing is downloaded.
+
+Load it as SD3 without T5 is loaded: ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None,
+tokenizer_3=None)`` (the pipeline lists T5 as a required component).
 """
 
 from __future__ import annotations

@@ -107,8 +107,8 @@ def check_student(student: DictConfig) -> None:
     if den is not None and not (isinstance(den, DictConfig) and "_target_" in den):
         raise ValueError(f"student.denoiser must be null (a copy of the teacher) or a _target_ config, got {den!r}")
     s = student.get("sigma_init")
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
-        raise ValueError(f"student.sigma_init must be a number > 0, got {s!r}")
+    if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0):
+        raise ValueError(f"student.sigma_init must be null (the teacher's sigma_max) or a number > 0, got {s!r}")
     sig = student.get("sampling_sigmas")
     if sig is not None:
         ok = OmegaConf.is_list(sig) and len(sig) > 0
@@ -238,12 +238,14 @@ def build_roles(
     roles: dict[str, nn.Module] = {}
     den = _network(student.get("denoiser"), teacher, "student network (student.denoiser)")
     sampling = list(student.sampling_sigmas) if student.get("sampling_sigmas") else None
+    # null: the teacher's largest noise level (80 for EDM teachers, about 14.6 for SD's DDPM schedule)
+    sigma_init = float(student.sigma_init) if student.get("sigma_init") is not None else float(teacher.sigma_max)
     if student.get("lora"):
-        roles["generator"] = Generator(_lora_student(teacher, student, den), student.sigma_init, sampling)
+        roles["generator"] = Generator(_lora_student(teacher, student, den), sigma_init, sampling)
     elif den is not None:
-        roles["generator"] = Generator(den, student.sigma_init, sampling)
+        roles["generator"] = Generator(den, sigma_init, sampling)
     else:
-        roles["generator"] = Generator.from_teacher(teacher, student.sigma_init, sampling)
+        roles["generator"] = Generator.from_teacher(teacher, sigma_init, sampling)
     require_weights(roles["generator"], "student.denoiser", "student")
     context = {"teacher": teacher, **({"schedule": schedule} if schedule is not None else {}), **(hparams or {})}
     objective_cls.prepare_student(roles["generator"], **objective_cls.student_hparams(context))

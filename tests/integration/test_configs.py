@@ -25,6 +25,7 @@ MANDATORY = {
     ("backbone", "diffusers_vp"): "path",
     ("backbone", "sd"): "path",
     ("backbone", "sdxl"): "path",
+    ("backbone", "sd3"): "path",
     ("data", "prompts"): "path",
     ("data", "coco_captions"): "path",
     ("data", "latents"): "path",
