@@ -32,7 +32,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(folder):
-    from diffdistill.models.adapters.flow import sd3_teacher
+    from diffdistill.models.adapters.sd3 import sd3_teacher
 
     return sd3_teacher(folder, guidance_scale=1.0)
 
@@ -173,7 +173,7 @@ def test_prompt_encoder_matches_the_pipeline_encode_prompt(teacher, pipe, cond):
 
 
 def test_prompt_encoder_disk_cache_and_negative_prompts(folder, cond, tmp_path):
-    from diffdistill.models.adapters.flow import SD3PromptEncoder
+    from diffdistill.models.adapters.sd3 import SD3PromptEncoder
 
     first = SD3PromptEncoder.from_pretrained(folder, cache_dir=tmp_path)
     assert first.kind == "sd3" and len(first.text_encoders) == 2  # no T5 in the tiny folder
@@ -209,7 +209,7 @@ def test_cfg_with_prompts_follows_the_guidance_scale(teacher, cond):
 
 
 def test_diffdistill_sampler_reproduces_the_stock_pipeline(folder, pipe, cond):
-    from diffdistill.models.adapters.flow import sd3_teacher
+    from diffdistill.models.adapters.sd3 import sd3_teacher
     from diffdistill.sampling import euler_sample
 
     guided = sd3_teacher(folder, guidance_scale=3.0)
