@@ -189,10 +189,13 @@ def split_targets(todo: list[Target]) -> tuple[list[Target], list[tuple[Target, 
             continue
         if t.checkpoint not in kinds:
             try:
-                data_cfg = run_config(t.checkpoint).get("data")
+                run = run_config(t.checkpoint)
             except (ValueError, FileNotFoundError):  # unreadable here: the image path reports it as before
-                data_cfg = None
-            kinds[t.checkpoint] = (data_kind(data_cfg), data_cfg)
+                run = {}
+            data_cfg = run.get("data")
+            latent = str((run.get("backbone") or {}).get("_target_", "")).endswith(TEXT_TO_IMAGE_TEACHERS)
+            # a latent text-to-image student is scored on its decoded images, whatever its data (prompts, latents)
+            kinds[t.checkpoint] = ("images" if latent else data_kind(data_cfg), data_cfg)
         kind, data_cfg = kinds[t.checkpoint]
         if kind == "other":
             from hydra.utils import instantiate
@@ -224,6 +227,26 @@ def evaluate(cfg: DictConfig) -> Path:
     return evaluate_toy_targets(cfg, toy) if toy else out
 
 
+TEXT_TO_IMAGE_TEACHERS = ("sd_teacher", "sd3_teacher")
+
+
+def attach_text_to_image(evaluator, checkpoint: str | Path) -> None:
+    """For a student of a latent text-to-image teacher (its run's ``backbone`` builds one with ``sd_teacher`` /
+    ``sd3_teacher``): give the evaluator the teacher's text encoder and VAE, and the run data's captions, so latents are
+    decoded and each image is conditioned on (and CLIP-scored against) its prompt. Other runs are left as they are."""
+    from hydra.utils import instantiate
+
+    run = run_config(checkpoint)
+    backbone = run.get("backbone") or {}
+    if not str(backbone.get("_target_", "")).endswith(TEXT_TO_IMAGE_TEACHERS) or evaluator.latent is not None:
+        return
+    teacher = instantiate(backbone)
+    dataset = None
+    if not evaluator.prompts and run.get("data"):
+        dataset = instantiate(run["data"])
+    evaluator.attach(teacher.to(evaluator.device), dataset)
+
+
 def evaluate_images(cfg: DictConfig, todo: list[Target]) -> Path:
     """Score image targets with the ``eval`` group's :class:`~diffdistill.evaluation.Evaluator`."""
     from hydra.utils import instantiate
@@ -246,7 +269,11 @@ def evaluate_images(cfg: DictConfig, todo: list[Target]) -> Path:
             print(f"skip {t.label} (already in {out})")
             continue
         model = load_target(t, cfg).to(evaluator.device)
+        if t.kind == "checkpoint":
+            attach_text_to_image(evaluator, t.checkpoint)
         shape = getattr(model, "sample_shape", None)
+        if shape is not None and evaluator.latent is not None:
+            shape = evaluator.latent.image_shape(tuple(shape))
         if shape is not None and not is_image_shape(shape):
             raise _no_metric_error(t.label, None, shape)
         scores = evaluator(model, t.step)

@@ -197,3 +197,32 @@ def test_every_objective_distils_the_tiny_text_to_image_teacher(tmp_path, t2i, n
         x = gen.sample(torch.randn(2, *gen.sample_shape), cond, generator=torch.Generator().manual_seed(0))
         images = trainer.teacher.latent.decode(x)
     assert x.shape == (2, 4, 8, 8) and images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_eval_cli_decodes_and_prompts_a_text_to_image_student(tmp_path, t2i):
+    """``diffdistill-eval run_dir=<t2i run>`` attaches the run teacher's text encoder and VAE: images are decoded
+    latents conditioned on the run's captions (the protocol records both), scored by CLIP against those captions."""
+    from diffdistill.cli.evaluate import compose, evaluate
+    from diffdistill.evaluation import read_results
+
+    _tiny_clip(tmp_path)  # registers the tiny open_clip config
+    build_trainer(_cfg(t2i, tmp_path / "run", "dmd", "prompts", ["trainer.sample_every=0"])).fit()
+    over = [
+        f"run_dir={tmp_path / 'run'}",
+        "eval=clip",
+        "eval.metrics=[clip_score]",
+        "eval.extractor=null",
+        "eval.reference=null",
+        "eval.clip=clip_tiny-test-clip",
+        "+eval.clip_kwargs.pretrained=false",
+        "eval.num_images=4",
+        "eval.batch_size=4",
+        "plot=false",
+    ]
+    out = evaluate(compose(over))
+    doc = read_results(out)
+    rows = doc["results"]
+    assert len(rows) >= 1 and all(0.0 <= r["clip_score"] <= 100.0 for r in rows)
+    sampler = doc["protocol"]["sampler"]
+    assert sampler["prompts"] and sampler["latent_decoded"]
+    assert doc["protocol"]["clip_score_prompts"] == ["a red cube", "blue sky", "a dog", "a cat"]
