@@ -23,6 +23,15 @@ class DDPMSchedule:
         self.sigmas = ((1 - ac) / ac).sqrt()  # ascending in t
         self.log_sigmas = self.sigmas.log()
         self.quantize = quantize
+        self._on_device: dict[torch.device, Tensor] = {}
+
+    def _log_sigmas(self, device: torch.device) -> Tensor:
+        """``log_sigmas`` on ``device`` (copied once per device: no host round trip, hence no sync, per call)."""
+        if device.type == "cpu":
+            return self.log_sigmas
+        if device not in self._on_device:
+            self._on_device[device] = self.log_sigmas.to(device)
+        return self._on_device[device]
 
     @classmethod
     def scaled_linear(cls, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, **kw) -> DDPMSchedule:
@@ -54,14 +63,15 @@ class DDPMSchedule:
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Sigma -> fractional timestep (inverse of :meth:`t_to_sigma`), rounded if ``quantize``."""
-        log_s = sigma.double().cpu().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
-        idx = torch.searchsorted(self.log_sigmas, log_s).clamp(1, len(self.sigmas) - 1)
-        lo_s, hi_s = self.log_sigmas[idx - 1], self.log_sigmas[idx]
+        log_sigmas = self._log_sigmas(sigma.device)
+        log_s = sigma.double().log().clamp(float(self.log_sigmas[0]), float(self.log_sigmas[-1]))
+        idx = torch.searchsorted(log_sigmas, log_s).clamp(1, len(self.sigmas) - 1)
+        lo_s, hi_s = log_sigmas[idx - 1], log_sigmas[idx]
         w = (log_s - lo_s) / (hi_s - lo_s)
         t = (idx - 1).double() + w
         if self.quantize:
             t = t.round()
-        return t.float().to(sigma.device)
+        return t.float()
 
     def alpha_sigma(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """VP coefficients ``(alpha, s)`` of an EDM sigma: ``alpha = 1/sqrt(1+sigma^2)``, ``s = sigma alpha``."""

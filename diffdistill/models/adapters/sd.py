@@ -314,6 +314,17 @@ def _vae_scale_factor(path: str) -> int:
     return 2 ** (len(cfg["block_out_channels"]) - 1)
 
 
+def packaged_pipeline(path: str | Path) -> str | Path:
+    """``path``, or the folder of the packaged text-to-image teacher of that name (``fashion_mnist_t2i``) when no such
+    file or folder exists here."""
+    from diffdistill.utils.paths import ASSETS
+
+    packaged = ASSETS / "teachers" / str(path)
+    if not Path(path).expanduser().exists() and (packaged / "model_index.json").is_file():
+        return packaged
+    return path
+
+
 def sd_teacher(
     path: str | Path,
     guidance_scale: float = 1.0,
@@ -321,7 +332,8 @@ def sd_teacher(
     sigma_data: float = 1.0,
     cache_dir: str | Path | None = None,
 ):
-    """The teacher of an SD / SDXL pipeline (folder or hub id): a frozen :class:`DiffusersSDDenoiser` with CFG at
+    """The teacher of an SD / SDXL pipeline (folder, hub id, or the name of a packaged teacher such as
+    ``fashion_mnist_t2i``): a frozen :class:`DiffusersSDDenoiser` with CFG at
     ``guidance_scale``, carrying its frozen ``prompt_encoder`` (:class:`~diffdistill.models.text.PromptEncoder`,
     embeddings cached in memory and, with ``cache_dir``, on disk) and ``latent``
     (:class:`~diffdistill.models.latent.LatentCodec`)."""
@@ -329,6 +341,7 @@ def sd_teacher(
     from diffdistill.models.teacher import Teacher
     from diffdistill.models.text import PromptEncoder, pipeline_kind
 
+    path = packaged_pipeline(path)
     kind = pipeline_kind(path)
     if kind not in ("sd", "sdxl"):
         raise ValueError(f"'{path}' is a '{kind}' pipeline; sd_teacher loads SD 1.x / 2.x / SDXL pipelines")
