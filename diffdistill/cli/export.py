@@ -41,6 +41,7 @@ def run(cfg: DictConfig):
         push_to_hub=cfg.get("push_to_hub") or None,
         private=bool(cfg.get("hub_private", False)),
         verify=bool(cfg.get("verify", True)),
+        base=cfg.get("base") or None,
     )
     print(f"diffdistill: exported {result.pipeline_class} to {result.path}")
     if result.verified:

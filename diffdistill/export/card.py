@@ -33,6 +33,12 @@ class CardInfo:
     evals: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     schedule_rho: float | None = None
     num_train_timesteps: int | None = None
+    timesteps: list[int] | None = None  # SD-family exports: the recipe's discrete timesteps
+    scheduler: str | None = None  # SD-family exports: LCMScheduler | TCDScheduler
+
+    @property
+    def is_text_to_image(self) -> bool:
+        return self.pipeline_class.startswith("StableDiffusion")
 
     @property
     def is_image(self) -> bool:
@@ -58,8 +64,12 @@ def _front_matter(info: CardInfo) -> str:
         tags.append("class-conditional")
     if info.lora == "adapters":
         tags.append("lora")
+    if info.is_text_to_image:
+        tags.append(info.scheduler or "LCMScheduler")
     lines = ["---", "library_name: diffusers"]
-    if info.is_image:
+    if info.is_text_to_image:
+        lines.append("pipeline_tag: text-to-image")
+    elif info.is_image:
         lines.append("pipeline_tag: unconditional-image-generation")
     lines.append("tags:")
     lines += [f"- {t}" for t in tags]
@@ -74,8 +84,29 @@ def _kwargs(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in d.items())
 
 
+def _sd_snippet(info: CardInfo) -> str:
+    loc, cls = json.dumps(info.location), info.pipeline_class
+    calls = info.stock_calls or {}
+    lines = ["import torch", f"from diffusers import {cls}", "", f"pipe = {cls}.from_pretrained({loc})"]
+    if info.lora == "adapters":
+        lines.append(f'pipe.load_lora_weights({loc}, subfolder="lora")  # the distilled LoRA (pipe.fuse_lora() merges)')
+    prompt = json.dumps("a photo of a cat")
+    lines.append(
+        f"image = pipe({prompt}, {_kwargs(calls.get('one', {}))}, generator=torch.Generator().manual_seed(0))"
+        ".images[0]  # one step"
+    )
+    if len(info.sampling_sigmas) > 1:
+        lines.append(
+            f"image = pipe({prompt}, {_kwargs(calls.get('all', {}))}, generator=torch.Generator().manual_seed(0))"
+            ".images[0]  # the recipe"
+        )
+    return "\n".join(lines)
+
+
 def snippet(info: CardInfo) -> str:
     """The Python that loads the pipeline and samples it (one step, then the recipe)."""
+    if info.is_text_to_image:
+        return _sd_snippet(info)
     loc = info.location
     n = 4
     labels = "" if info.num_classes is None else f"class_labels={[i % info.num_classes for i in range(n)]}, "
@@ -198,12 +229,41 @@ def model_card(info: CardInfo) -> str:
     lines += [f"- {k}: {v}" for k, v in facts if v is not None]
     lines += ["", "## Sampling recipe", ""]
     lines.append(f"- Pipeline: `{info.pipeline_class}` ({info.reason}).")
-    if info.pipeline_class == "ConsistencyModelPipeline":
+    if info.is_text_to_image:
+        lines += _sd_recipe(info)
+    elif info.pipeline_class == "ConsistencyModelPipeline":
         noise = "the unit latents, then one noise tensor per step"
     else:
         noise = "the unit latents, then (only when no class labels are given) random labels, then one noise tensor per "
         noise += "further step"
-    lines.append(f"- Noise: the pipeline draws from `generator`, in order, {noise}.")
+    if not info.is_text_to_image:
+        lines += _pixel_recipe(info, noise)
+    lines += _common_recipe(info)
+    lines += ["", "## Usage", "", "```python", snippet(info), "```"]
+    metric_lines = _metrics(info)
+    if metric_lines:
+        lines += ["", "## Metrics", *metric_lines]
+    return "\n".join(lines) + "\n"
+
+
+def _sd_recipe(info: CardInfo) -> list[str]:
+    sched = info.scheduler or "LCMScheduler"
+    lines = [
+        f"- Scheduler: `{sched}`; timesteps `{info.timesteps}` (EDM sigmas `{info.sampling_sigmas}`); pass them as "
+        "`timesteps=` (also recorded in `diffdistill.json` and `scheduler/scheduler_config.json`, "
+        "`_diffdistill_recipe`).",
+        "- Noise: the pipeline draws from `generator`, in order, the unit latents, then one noise tensor per further "
+        "step (the scheduler's re-noising); diffdistill's sampler draws the same.",
+    ]
+    if info.gamma is not None:
+        lines.append(f"- TCD: `eta = gamma = {info.gamma:g}`.")
+    if not info.guidance_embedded:
+        lines.append("- No classifier-free guidance at sampling time (`guidance_scale <= 1`): it was distilled in.")
+    return lines
+
+
+def _pixel_recipe(info: CardInfo, noise: str) -> list[str]:
+    lines = [f"- Noise: the pipeline draws from `generator`, in order, {noise}."]
     lines.append(f"- One step: input noise `sigma_init = {info.sigma_init:g}` times unit Gaussian noise.")
     if len(info.sampling_sigmas) > 1:
         kind = f"TCD gamma sampling, gamma = {info.gamma:g}" if info.gamma is not None else "consistency multistep"
@@ -214,11 +274,19 @@ def model_card(info: CardInfo) -> str:
             "that the recipe's sigmas are grid points (the recipe is recorded in `scheduler/scheduler_config.json`, "
             "`_diffdistill_recipe`)."
         )
+    return lines
+
+
+def _common_recipe(info: CardInfo) -> list[str]:
+    lines: list[str] = []
     if info.guidance_embedded or info.guidance:
         g = info.guidance or {}
+        omega = ""
+        if info.is_text_to_image:
+            omega = " (the UNet embeds `guidance_scale - 1`, LCM's omega, as diffusers' SD pipelines do)"
         lines.append(
             f"- Guidance-embedded: `guidance_scale` in [{_fmt(g.get('w_min'))}, {_fmt(g.get('w_max'))}], "
-            f"default {_fmt(g.get('w_default'))}."
+            f"default {_fmt(g.get('w_default'))}{omega}."
         )
     if info.num_classes is not None:
         line = f"- Class-conditional: {info.num_classes} classes; labels drawn at random are real classes"
@@ -226,14 +294,11 @@ def model_card(info: CardInfo) -> str:
             line += " (the null class of classifier-free guidance is not exported); pass `class_labels` to reproduce"
         lines.append(line + ".")
     if info.lora == "adapters":
+        fmt = "a diffusers LoRA (`pipe.load_lora_weights`)" if info.is_text_to_image else "the peft adapter"
         lines.append(
-            "- LoRA: the pipeline folder holds the *base* network; the distilled student is the base plus the peft "
-            "adapter in `lora/` (applied in the snippet below)."
+            f"- LoRA: the pipeline folder holds the *base* network; the distilled student is the base plus {fmt} in "
+            "`lora/` (applied in the snippet below)."
         )
     elif info.lora == "fuse":
         lines.append("- LoRA: the adapters are merged into the weights (a plain network).")
-    lines += ["", "## Usage", "", "```python", snippet(info), "```"]
-    metric_lines = _metrics(info)
-    if metric_lines:
-        lines += ["", "## Metrics", *metric_lines]
-    return "\n".join(lines) + "\n"
+    return lines

@@ -10,6 +10,10 @@ Which pipeline (:func:`choose_pipeline`):
   sigma list is a point set of a Karras grid the scheduler builds (:func:`cm_schedule`) and lies far enough above
   ``sigma_min`` that the scheduler's re-noising (Alg. 1) matches diffdistill's sampler. The exported UNet drops the
   null-class embedding row, so the stock pipeline's random labels are real classes;
+* an SD-family student (a ``DiffusersSDDenoiser``, possibly inside LCM's boundary wrapper, possibly with LoRA): the
+  teacher's stock ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` with the student's UNet and an
+  ``LCMScheduler`` (``TCDScheduler`` for TCD sampling) plus the recipe's timesteps (:mod:`diffdistill.export.sd`);
+  LoRA students as the base network plus a ``load_lora_weights`` folder ``lora/``, or fused;
 * anything else (plain EDM students such as DMD's, guidance-embedded students, TCD sampling, MLP backbones):
   :class:`~diffdistill.export.pipeline.DiffDistillPipeline`.
 
@@ -271,25 +275,8 @@ def write_lora_adapter(denoiser: nn.Module, folder: Path) -> list[str]:
             f"LoRA adapters outside the {type(root).__name__} ({sorted(outside)[:3]}...) cannot be written as one "
             "adapter: export with lora=fuse"
         )
-    adapters = {tuple(layer.active_adapters) for layer in inside.values()}
-    if len(adapters) != 1 or len(next(iter(adapters))) != 1:
-        raise ValueError(f"expected one active LoRA adapter, found {sorted(adapters)}: export with lora=fuse")
-    (name,) = next(iter(adapters))
-    ranks = {k: int(m.r[name]) for k, m in inside.items()}
-    alphas = {k: float(m.lora_alpha[name]) for k, m in inside.items()}
-    rslora = {bool(getattr(m, "use_rslora", {}).get(name, False)) for m in inside.values()}
-    if len(rslora) != 1:
-        raise ValueError("mixed rsLoRA scalings cannot be written as one adapter: export with lora=fuse")
-    r = Counter(ranks.values()).most_common(1)[0][0]  # the common rank/alpha; others go to the patterns
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    cfg = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        target_modules=sorted(inside),
-        rank_pattern={k: v for k, v in ranks.items() if v != r},
-        alpha_pattern={k: v for k, v in alphas.items() if v != alpha},
-        use_rslora=rslora.pop(),
-    )
+    name, kwargs = lora_config_of(inside)
+    cfg = LoraConfig(**kwargs)
     base = _strip_unmerged(copy.deepcopy(root))
     peft_model = get_peft_model(base, cfg)
     theirs = tuner_layers(peft_model.base_model.model)
@@ -303,6 +290,30 @@ def write_lora_adapter(denoiser: nn.Module, folder: Path) -> list[str]:
                 dst[n.replace(f".{name}.", ".default.")].copy_(p)
     peft_model.save_pretrained(str(folder))
     return sorted(inside)
+
+
+def lora_config_of(inside: dict[str, nn.Module]) -> tuple[str, dict[str, Any]]:
+    """The one active adapter's name and the ``LoraConfig`` keywords that rebuild it on the root the layer names
+    ``inside`` are relative to (the common rank/alpha, others as patterns); an actionable error otherwise."""
+    adapters = {tuple(layer.active_adapters) for layer in inside.values()}
+    if len(adapters) != 1 or len(next(iter(adapters))) != 1:
+        raise ValueError(f"expected one active LoRA adapter, found {sorted(adapters)}: export with lora=fuse")
+    (name,) = next(iter(adapters))
+    ranks = {k: int(m.r[name]) for k, m in inside.items()}
+    alphas = {k: float(m.lora_alpha[name]) for k, m in inside.items()}
+    rslora = {bool(getattr(m, "use_rslora", {}).get(name, False)) for m in inside.values()}
+    if len(rslora) != 1:
+        raise ValueError("mixed rsLoRA scalings cannot be written as one adapter: export with lora=fuse")
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return name, {
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(inside),
+        "rank_pattern": {k: v for k, v in ranks.items() if v != r},
+        "alpha_pattern": {k: v for k, v in alphas.items() if v != alpha},
+        "use_rslora": rslora.pop(),
+    }
 
 
 def _name_in(module: nn.Module, target: nn.Module) -> str:
@@ -474,20 +485,26 @@ def export_pipeline(
     source: str | None = None,
     repo_id: str | None = None,
     verify: bool = True,
+    base: str | Path | None = None,
 ) -> ExportResult:
     """Write ``generator`` as a diffusers pipeline folder ``out`` (atomically) and return what was written.
 
     Args:
         generator: the student (left unchanged: the export works on a copy).
         metadata: the source model folder's ``diffdistill.json`` (for the model card; every key optional).
-        gamma: TCD gamma of the recipe (default: ``metadata["gamma"]``); forces diffdistill's pipeline.
+        gamma: TCD gamma of the recipe (default: ``metadata["gamma"]``); forces diffdistill's pipeline (SD-family
+            students: ``TCDScheduler`` with ``eta = gamma``).
         pipeline: ``auto`` (stock where exact), ``stock`` (fail if not exact) or ``diffdistill``.
         lora: LoRA students: ``fuse`` (merge the adapters: a plain network) or ``adapters`` (the base network plus
             a peft adapter folder ``lora/``).
         eval_results: results JSON files to copy into ``eval/`` and summarise in the card.
         repo_id: the hub repository the folder will be pushed to (used in the card's snippet).
         verify: load the written folder back and compare it with diffdistill's sampler before publishing.
+        base: SD-family students: the teacher's pipeline folder or hub id, whose VAE, text encoder(s) and
+            tokenizer(s) the export carries (default: the teacher path recorded in ``metadata``); see
+            :mod:`diffdistill.export.sd`.
     """
+    from diffdistill.export.sd import is_sd_student
     from diffdistill.models.lora import has_lora
 
     if lora not in LORA_MODES:
@@ -498,6 +515,8 @@ def export_pipeline(
     meta = dict(metadata or {})
     if gamma is None and meta.get("gamma") is not None:
         gamma = float(meta["gamma"])
+    if is_sd_student(generator):
+        return _export_sd(generator, out, meta, gamma, pipeline, lora, eval_results, source, repo_id, verify, base)
     gen = copy.deepcopy(generator).cpu().eval()
     ref = copy.deepcopy(gen) if verify else None  # what the written folder must reproduce (LoRA still unmerged)
     lora_used = has_lora(gen.denoiser)
@@ -572,6 +591,109 @@ def export_pipeline(
     return result
 
 
+def _export_sd(
+    generator: Generator,
+    out: Path,
+    meta: dict[str, Any],
+    gamma: float | None,
+    pipeline: str,
+    lora: str,
+    eval_results: list[Path] | None,
+    source: str | None,
+    repo_id: str | None,
+    verify: bool,
+    base: str | Path | None,
+) -> ExportResult:
+    """An SD-family student as the stock ``StableDiffusion(XL)Pipeline`` (:mod:`diffdistill.export.sd`)."""
+    from diffdistill.export.sd import build_sd_pipeline, plan_sd, resolve_base, verify_sd, write_sd_lora
+    from diffdistill.models.lora import has_lora
+
+    if pipeline == "diffdistill":
+        raise ValueError(
+            "DiffDistillPipeline takes no prompts: an SD-family student exports as the stock StableDiffusion(XL)"
+            "Pipeline (pipeline=auto)"
+        )
+    gen = copy.deepcopy(generator).cpu().eval()
+    ref = copy.deepcopy(gen) if verify else None
+    plan = plan_sd(gen, resolve_base(base, meta), gamma)
+    for w in plan.warnings:
+        log.warning("export: %s", w)
+    lora_used = has_lora(gen.denoiser)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        adapter_dir = None
+        if lora_used and lora == "adapters":
+            adapter_dir = tmp / LORA_FOLDER
+            write_sd_lora(gen, adapter_dir, plan.pipeline_class)
+            _strip_unmerged(gen.denoiser)
+            if has_guidance_embedding(gen.denoiser):
+                log.warning(
+                    "export: the student's guidance embedding (UNet time_cond_proj_dim, time_embedding.cond_proj) is "
+                    "not part of lora/: apply the LoRA to this folder's UNet, not to the teacher's"
+                )
+        elif lora_used:
+            fuse_lora(gen.denoiser)
+        recipe = {
+            "sigma_init": gen.sigma_init,
+            "sampling_sigmas": list(gen.sampling_sigmas),
+            "timesteps": list(plan.timesteps),
+            "guidance_scale": plan.guidance_scale,
+            "gamma": gamma,
+            "guidance": gen.guidance,
+            "scheduler": plan.scheduler,
+            "call": plan.call_kwargs(),
+        }
+        pipe = build_sd_pipeline(gen, plan, recipe)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe.save_pretrained(str(tmp))
+        evals = _copy_evals(eval_results or [], tmp / "eval")
+        verified = verify_sd(tmp, plan, ref, adapter_dir, VERIFY_ATOL) if verify else {}
+        result = ExportResult(out, "stock", plan.reason, plan.pipeline_class, plan.call_kwargs(), verified)
+        info = CardInfo(
+            location=repo_id or str(out),
+            pipeline_class=plan.pipeline_class,
+            reason=plan.reason,
+            sampling_sigmas=list(gen.sampling_sigmas),
+            sigma_init=gen.sigma_init,
+            gamma=gamma,
+            guidance=gen.guidance,
+            guidance_embedded=has_guidance_embedding(gen.denoiser),
+            sample_shape=list(gen.sample_shape),
+            stock_calls={"one": plan.call_kwargs(1), "all": plan.call_kwargs()},
+            lora=lora if lora_used else None,
+            metadata={**meta, "base": plan.base},
+            evals=evals,
+            timesteps=list(plan.timesteps),
+            scheduler=plan.scheduler,
+        )
+        (tmp / "README.md").write_text(model_card(info))
+        from diffdistill import __version__
+
+        export_meta = {
+            "format": EXPORT_FORMAT,
+            "diffdistill_version": __version__,
+            "source": source,
+            "base": plan.base,
+            "pipeline": "stock",
+            "pipeline_class": plan.pipeline_class,
+            "reason": plan.reason,
+            "recipe": recipe,
+            "lora": info.lora,
+            "lora_folder": LORA_FOLDER if adapter_dir is not None else None,
+            "lora_format": "diffusers" if adapter_dir is not None else None,
+            "verified_max_abs_diff": verified,
+            "source_metadata": meta,
+        }
+        (tmp / META_NAME).write_text(json.dumps(export_meta, indent=2, default=str))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
 def _copy_evals(files: list[Path], dest: Path) -> list[tuple[str, dict[str, Any]]]:
     docs = []
     for f in files:
@@ -598,11 +720,13 @@ def export(
     push_to_hub: str | None = None,
     private: bool = False,
     verify: bool = True,
+    base: str | Path | None = None,
 ) -> ExportResult:
     """Export the student at ``source`` (a run folder, a checkpoint folder or a generator model folder).
 
     ``ema``: ``"auto"`` (the highest-decay EMA track), a decay, or ``None`` (the online weights). The run's
     ``eval/*.json`` are copied and summarised. ``push_to_hub``: a hub repository id to upload the folder to.
+    ``base``: an SD-family student's teacher pipeline (default: the teacher path the run recorded).
     """
     from diffdistill.models.io import generator_folder, load_generator
 
@@ -622,6 +746,7 @@ def export(
         source=str(folder),
         repo_id=push_to_hub,
         verify=verify,
+        base=base,
     )
     if push_to_hub:
         upload(result.path, push_to_hub, private=private)

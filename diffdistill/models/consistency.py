@@ -1,6 +1,8 @@
 """Consistency-model parametrisations over any :class:`Denoiser`.
 
 * :class:`ConsistencyDenoiser`: the boundary-condition wrapper of Song et al. (2023), ``f(x, sigma_min) = x``.
+* :class:`LCMBoundaryDenoiser`: LCM's boundary scalings on discrete VP timesteps (``timestep_scaling = 10``), as
+  diffusers' ``LCMScheduler`` and LCM training scripts apply them to SD-family students.
 * :func:`trigflow_F`: the TrigFlow network output ``F(x_t / sigma_d, t)`` of any EDM-convention denoiser (sCM).
 * :class:`AdaptiveWeight`: sCM's learned per-time loss weight ``w_phi(t)`` (Lu & Song 2024, Eq. 9).
 * :class:`AffineConsistencyDenoiser`: a two-parameter-per-dimension toy student whose family contains the exact
@@ -24,6 +26,10 @@ from diffdistill.conventions import (
 from diffdistill.models.analytic import AffineDenoiser
 from diffdistill.models.conditioning import Conditioning, as_conditioning
 from diffdistill.models.denoiser import Denoiser, EDMDenoiser
+from diffdistill.schedules.discrete import DDPMSchedule
+
+LCM_SIGMA_DATA = 0.5  # diffusers LCMScheduler.get_scalings_for_boundary_condition_discrete
+LCM_TIMESTEP_SCALING = 10.0  # LCMScheduler(timestep_scaling=10.0); the LCM scripts' --timestep_scaling_factor
 
 
 class ConsistencyDenoiser(Denoiser):
@@ -90,19 +96,135 @@ class ConsistencyDenoiser(Denoiser):
         return self.inner.features(x, sigma, cond)
 
 
+def lcm_boundary_scalings(
+    t: Tensor, sigma_data: float = LCM_SIGMA_DATA, timestep_scaling: float = LCM_TIMESTEP_SCALING
+) -> tuple[Tensor, Tensor]:
+    """LCM's ``(c_skip, c_out)`` at discrete timestep ``t`` (diffusers ``scheduling_lcm.py``,
+    ``get_scalings_for_boundary_condition_discrete``): with ``u = timestep_scaling t``,
+    ``c_skip = sigma_d^2 / (u^2 + sigma_d^2)`` and ``c_out = u / sqrt(u^2 + sigma_d^2)``; ``(1, 0)`` at ``t = 0``."""
+    u = timestep_scaling * t
+    c_skip = sigma_data**2 / (u**2 + sigma_data**2)
+    c_out = u / (u**2 + sigma_data**2).sqrt()
+    return c_skip, c_out
+
+
+def discrete_vp_schedule(module: nn.Module | None) -> DDPMSchedule | None:
+    """The DDPM schedule of a VP discrete-time adapter (``DiffusersVPDenoiser``, ``DiffusersSDDenoiser``) found in
+    ``module`` (a generator, teacher or denoiser, through LoRA views and wrappers); ``None`` for other networks."""
+    if module is None:
+        return None
+    for m in module.modules():
+        schedule = getattr(m, "schedule", None)
+        if isinstance(schedule, DDPMSchedule):
+            return schedule
+        shared = getattr(m, "shared", None)  # a LoRA teacher view keeps its network outside _modules
+        if isinstance(shared, nn.Module) and shared is not m and (found := discrete_vp_schedule(shared)) is not None:
+            return found
+    return None
+
+
+class LCMBoundaryDenoiser(Denoiser):
+    """LCM's boundary parametrisation over a VP discrete-time adapter, in the EDM view.
+
+    Luo et al., "Latent Consistency Models" (arXiv:2310.04378), Eq. 8, as diffusers applies it (``LCMScheduler.step``
+    and ``examples/consistency_distillation/train_lcm_distill_sd_wds.py``): with ``t`` the (fractional) DDPM
+    timestep of ``sigma``, ``x_vp = alpha_t x`` the VP sample and ``x0_hat`` the wrapped adapter's prediction,
+    ``f = c_skip(t) x_vp + c_out(t) x0_hat`` (:func:`lcm_boundary_scalings`, ``sigma_data = 0.5``,
+    ``timestep_scaling = 10``). ``f`` is an estimate of ``x0``, the same quantity in the VP and EDM views, so it is
+    returned as is. At ``t = 19`` this is ``x0_hat`` up to ``7e-6 x_vp``; at ``t = 0`` it is ``x_vp``, the
+    training script's target at its clamped last timestep; as ``sigma -> 0``, ``f -> x``.
+
+    ``boundary_sigma`` is 0: the multistep sampler then re-noises ``x0`` to the full next sigma, as
+    ``LCMScheduler.step`` does (``x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps``), not to Song et al.'s
+    ``sqrt(sigma^2 - sigma_min^2)``.
+
+    Args:
+        inner: a VP discrete-time adapter (has a :class:`~diffdistill.schedules.discrete.DDPMSchedule` ``schedule``);
+            its parameters are this module's parameters.
+        sigma_data, timestep_scaling: LCM's constants (0.5, 10).
+    """
+
+    def __init__(
+        self, inner: Denoiser, sigma_data: float = LCM_SIGMA_DATA, timestep_scaling: float = LCM_TIMESTEP_SCALING
+    ):
+        super().__init__()
+        if not isinstance(getattr(inner, "schedule", None), DDPMSchedule):
+            raise ValueError(
+                f"LCM's discrete boundary scalings need a VP discrete-time adapter with a DDPM schedule "
+                f"(DiffusersSDDenoiser, DiffusersVPDenoiser), got {type(inner).__name__}; use ConsistencyDenoiser"
+            )
+        self.inner = inner
+        self.lcm_sigma_data, self.timestep_scaling = float(sigma_data), float(timestep_scaling)
+        self.sigma_data = float(inner.sigma_data)
+        self.sigma_min, self.sigma_max = float(inner.sigma_min), float(inner.sigma_max)
+        self.num_classes = getattr(inner, "num_classes", None)
+        self.has_null_class = getattr(inner, "has_null_class", True)
+
+    @property
+    def schedule(self) -> DDPMSchedule:
+        return self.inner.schedule
+
+    @property
+    def boundary_sigma(self) -> float:
+        return 0.0
+
+    @property
+    def null_prompt(self) -> Conditioning | None:
+        return self.inner.null_prompt
+
+    def prior_std(self, sigma):
+        return self.inner.prior_std(sigma)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.inner.sample_shape)
+
+    def to_config(self) -> dict:
+        from diffdistill.models.io import model_config
+
+        return {
+            "_target_": "diffdistill.models.consistency.LCMBoundaryDenoiser",
+            "inner": model_config(self.inner),
+            "sigma_data": self.lcm_sigma_data,
+            "timestep_scaling": self.timestep_scaling,
+        }
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(c_skip, c_out, alpha)`` at ``sigma`` ``[B]``: LCM's scalings at its timestep and ``alpha = 1/sqrt(1 +
+        sigma^2)`` (``x_vp = alpha x``)."""
+        t = self.schedule.sigma_to_t(sigma).to(sigma.device, torch.float32)
+        c_skip, c_out = lcm_boundary_scalings(t, self.lcm_sigma_data, self.timestep_scaling)
+        alpha, _ = self.schedule.alpha_sigma(sigma)
+        return c_skip.to(sigma.dtype), c_out.to(sigma.dtype), alpha
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        x0_hat = self.inner(x, sigma, cond)
+        c_skip, c_out, alpha = self.scalings(sigma)
+        # (LCM Eq. 8; diffusers scheduling_lcm.py step: denoised = c_out * x0_pred + c_skip * sample)
+        return append_dims(c_skip * alpha, x.ndim).to(x.dtype) * x + append_dims(c_out, x.ndim).to(x.dtype) * x0_hat
+
+    def features(self, x, sigma, cond=None):
+        return self.inner.features(x, sigma, cond)
+
+
 def has_boundary_condition(denoiser: nn.Module) -> bool:
     """Whether ``denoiser`` already satisfies ``f(x, sigma_b) = x`` at some boundary ``sigma_b``."""
     return getattr(denoiser, "boundary_sigma", None) is not None
 
 
-def wrap_boundary_condition(generator: nn.Module, sigma_min: float) -> nn.Module:
-    """Replace ``generator.denoiser`` by a :class:`ConsistencyDenoiser` (in place, parameters unchanged).
+def wrap_boundary_condition(generator: nn.Module, sigma_min: float, kind: str = "song") -> nn.Module:
+    """Replace ``generator.denoiser`` by a boundary-condition wrapper (in place, parameters unchanged):
+    ``kind="song"`` a :class:`ConsistencyDenoiser` with boundary ``sigma_min``, ``kind="lcm"`` an
+    :class:`LCMBoundaryDenoiser` (LCM's discrete-timestep scalings; ``sigma_min`` unused).
 
     Does nothing when the denoiser already has a boundary condition. Parameter objects are kept, so an
     optimiser built before or after this call sees the same tensors; state-dict keys gain an ``inner.`` level.
     """
+    if kind not in ("song", "lcm"):
+        raise ValueError(f"boundary condition kind must be 'song' or 'lcm', got {kind!r}")
     if not has_boundary_condition(generator.denoiser):
-        generator.denoiser = ConsistencyDenoiser(generator.denoiser, sigma_min)
+        wrapper = LCMBoundaryDenoiser if kind == "lcm" else lambda d: ConsistencyDenoiser(d, sigma_min)
+        generator.denoiser = wrapper(generator.denoiser)
     return generator
 
 

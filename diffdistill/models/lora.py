@@ -27,7 +27,10 @@ def default_target_modules(module: nn.Module) -> list[str]:
     return [
         name
         for name, m in module.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and "guidance_emb" not in name and name
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+        and "guidance_emb" not in name
+        and not name.endswith("time_embedding.cond_proj")  # the SD adapter's guidance embedding (LCM)
+        and name
     ]
 
 

@@ -6,7 +6,19 @@ Luo, Tan, Huang, Li, Zhao, "Latent Consistency Models: Synthesizing High-Resolut
     t_{n+k} -> t_n                       a skipping step of k grid points (k = 20 on a 1000-point grid)
     x_hat = Psi(x_{t_{n+k}}, w)          one DDIM (= Euler in the EDM view) step of the CFG teacher
     L = d(f_theta(x_{t_{n+k}}, w, t_{n+k}), f_theta-(x_hat, w, t_n)),  theta- EMA (mu = 0.95)
-Guidance convention: diffdistill's ``w`` (1 = no guidance) is LCM's ``omega + 1``.
+Guidance convention: diffdistill's ``w`` (1 = no guidance, CFG ``x0_u + w (x0_c - x0_u)``) is LCM's ``omega + 1``
+(LCM Eq. 9: ``(1 + omega) eps_c - omega eps_u``). diffusers agrees: ``train_lcm_distill_sd_wds.py`` samples its
+``w`` (= omega: ``pred_x0 = x0_c + w (x0_c - x0_u)``, ``--w_min 5 --w_max 15``, i.e. diffdistill ``[6, 16]``) and
+embeds ``guidance_scale_embedding(w)``; the SD pipelines embed ``guidance_scale - 1``; so a pipeline's
+``guidance_scale`` is diffdistill's ``w``, and the embedding's input is ``omega = w - 1``.
+
+Student parametrisation (``prepare_student``): on a VP discrete-time backbone (``DiffusersSDDenoiser``,
+``DiffusersVPDenoiser``) LCM's own boundary scalings on timesteps
+(:class:`~diffdistill.models.consistency.LCMBoundaryDenoiser`: ``c_skip = 0.25 / ((10 t)^2 + 0.25)``, ``c_out = 10 t /
+sqrt((10 t)^2 + 0.25)``), exactly diffusers' ``LCMScheduler``, so the student exports to it; on EDM-family
+networks Song et al.'s boundary condition at the smallest grid sigma
+(:class:`~diffdistill.models.consistency.ConsistencyDenoiser`). The training grid of a VP discrete-time teacher
+defaults to its own DDPM timesteps.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from diffdistill.models.backbones import has_guidance_embedding
-from diffdistill.models.consistency import wrap_boundary_condition
+from diffdistill.models.consistency import discrete_vp_schedule, wrap_boundary_condition
 from diffdistill.models.teacher import can_guide
 from diffdistill.objectives.base import Paper, PassCount, register_objective
 from diffdistill.objectives.common import data_noise_scale
@@ -46,6 +58,14 @@ def lcm_grid(schedule, num_scales: int, sigma_min: float, sigma_max: float, rho:
     return c * karras_sigmas(num_scales, sigma_min, sigma_max, rho).flip(0)
 
 
+def default_schedule(schedule, teacher: nn.Module | None, generator: nn.Module | None):
+    """``schedule``, else the DDPM schedule of a VP discrete-time teacher (or student): LCM distils SD on its own
+    ``T`` training timesteps (LCM §4.1, ``DDIMSolver(noise_scheduler.alphas_cumprod, ...)`` in diffusers' script)."""
+    if schedule is not None:
+        return schedule
+    return discrete_vp_schedule(teacher) or discrete_vp_schedule(generator)
+
+
 @register_objective
 class LCM(ConsistencyDistillation):
     """Latent consistency distillation (LCD) with a guidance-conditioned student.
@@ -58,7 +78,9 @@ class LCM(ConsistencyDistillation):
         num_scales: grid size when ``schedule`` is not a DDPM schedule (1000, matching SD's T).
         skipping_step: ``k`` (20: 50 solver steps over 1000 timesteps).
         sigma_min, sigma_max, rho: the Karras grid when no schedule is given.
-        w_min, w_max: guidance range in diffdistill's convention (LCM's omega in [2, 14] -> w in [3, 15]).
+        w_min, w_max: guidance range in diffdistill's convention, ``w = omega + 1`` (LCM's omega in [2, 14] -> w in
+            [3, 15]; diffusers' script ``--w_min 5 --w_max 15`` -> w in [6, 16]); an exported SD student is called
+            with ``guidance_scale = w``.
         solver: teacher ODE solver over one skipping step: ``"ddim"`` (paper) or ``"heun"``.
         target_ema: ``mu`` (0.95).
         distance: ``"l2"`` (paper) or any distance of :class:`ConsistencyDistillation`.
@@ -106,6 +128,7 @@ class LCM(ConsistencyDistillation):
         if not w_min <= w_max:
             raise ValueError(f"need w_min <= w_max, got {w_min}, {w_max}")
         c = data_noise_scale(teacher, generator, match_sigma_data)
+        schedule = default_schedule(schedule, teacher, generator)
         sigmas_asc = lcm_grid(schedule, num_scales, sigma_min, sigma_max, rho, c)
         if not 1 <= skipping_step < len(sigmas_asc):
             raise ValueError(f"skipping_step must lie in [1, {len(sigmas_asc) - 1}], got {skipping_step}")
@@ -162,10 +185,15 @@ class LCM(ConsistencyDistillation):
             embed_guidance = False
         if embed_guidance and enable_guidance_embedding(generator) and hasattr(generator, "set_guidance"):
             generator.set_guidance(w_min, w_max)
-        if boundary_condition:
-            c = data_noise_scale(teacher, generator, match_sigma_data)
-            boundary = float(lcm_grid(schedule, num_scales, sigma_min, sigma_max, rho, c)[0])
-            wrap_boundary_condition(generator, boundary)
+        if not boundary_condition:
+            return
+        if discrete_vp_schedule(generator) is not None:
+            # (LCM Eq. 8 with diffusers' discrete scalings, LCMScheduler.get_scalings_for_boundary_condition_discrete)
+            wrap_boundary_condition(generator, 0.0, kind="lcm")
+            return
+        c = data_noise_scale(teacher, generator, match_sigma_data)
+        boundary = float(lcm_grid(schedule, num_scales, sigma_min, sigma_max, rho, c)[0])
+        wrap_boundary_condition(generator, boundary)
 
     def sample_pair(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """A skipping pair ``(sigma_{n+k}, sigma_n)`` of the grid (student at the larger sigma)."""
