@@ -35,9 +35,10 @@ class DDPMSchedule:
 
     @classmethod
     def scaled_linear(cls, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, **kw) -> DDPMSchedule:
-        """Stable Diffusion's ``scaled_linear`` beta schedule."""
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
-        return cls(torch.cumprod(1 - betas, 0), **kw)
+        """Stable Diffusion's ``scaled_linear`` beta schedule, computed as diffusers' ``DDPMScheduler`` does (float32
+        betas and products), so its sigmas are the pipelines' to the last bit."""
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
+        return cls(torch.cumprod(1.0 - betas, dim=0), **kw)
 
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02, **kw) -> DDPMSchedule:

@@ -6,6 +6,10 @@ Datasets whose class defines ``sigma_data`` (the toys of :mod:`diffdistill.data.
 to read it; other data (images scaled to ``[-1, 1]``) give the papers' 0.5 without being loaded.
 
 ``${dd.num_classes:${data}}``: the number of classes of such a dataset (``None`` when unconditional).
+
+``${dd.sd_sigmas:999,499}``: the EDM sigmas of DDPM timesteps under Stable Diffusion's training schedule
+(``scaled_linear``, betas 0.00085..0.012, 1000 steps: SD 1.x / 2.x, SDXL), exactly, so that papers' timestep lists
+(DMD2's 999/749/499/249) become ``student.sampling_sigmas`` that export to ``LCMScheduler`` timesteps unchanged.
 """
 
 from __future__ import annotations
@@ -39,8 +43,23 @@ def data_num_classes(node: DictConfig) -> int | None:
     return getattr(ds, "num_classes", None) if ds is not None else node.get("num_classes")
 
 
+def sd_sigmas(*timesteps: int) -> list[float]:
+    """EDM sigmas ``sqrt((1 - abar_t) / abar_t)`` of integer timesteps of SD's ``scaled_linear`` schedule."""
+    from diffdistill.schedules.discrete import DDPMSchedule
+
+    sched = DDPMSchedule.scaled_linear()
+    out = []
+    for t in timesteps:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < len(sched.sigmas):
+            raise ValueError(f"dd.sd_sigmas takes integer timesteps in [0, {len(sched.sigmas) - 1}], got {t!r}")
+        out.append(float(sched.sigmas[t]))
+    return out
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("dd.sigma_data"):
         OmegaConf.register_new_resolver("dd.sigma_data", data_sigma_data, use_cache=False)
     if not OmegaConf.has_resolver("dd.num_classes"):
         OmegaConf.register_new_resolver("dd.num_classes", data_num_classes, use_cache=False)
+    if not OmegaConf.has_resolver("dd.sd_sigmas"):
+        OmegaConf.register_new_resolver("dd.sd_sigmas", sd_sigmas)

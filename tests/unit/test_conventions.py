@@ -127,7 +127,7 @@ def test_sigma_densities():
 
 def test_ddpm_schedule_round_trip_and_quantisation():
     sch = DDPMSchedule.scaled_linear()
-    t = torch.tensor([0.0, 1.5, 250.0, 999.0])
+    t = torch.tensor([0.0, 1.6, 250.0, 999.0])
     sigma = sch.t_to_sigma(t)
     assert torch.allclose(sch.sigma_to_t(sigma), t, atol=1e-3)
     ac = sch.alphas_cumprod
@@ -147,3 +147,23 @@ def test_flow_time_and_shift():
     assert torch.allclose(flow_unshift(flow_shift(u, 3.0), 3.0), u, atol=1e-6)
     assert torch.equal(flow_shift(u, 1.0), u)
     assert (flow_shift(u, 3.0) >= u).all()  # shift > 1 moves time towards noise
+
+
+def test_sd_schedule_and_timestep_resolver_match_diffusers_exactly():
+    """``DDPMSchedule.scaled_linear`` is diffusers' SD schedule bit for bit, and ``${dd.sd_sigmas:...}`` gives sigmas
+    that map back to integer timesteps (what the stock ``LCMScheduler`` export needs)."""
+    from diffusers import DDPMScheduler
+
+    from diffdistill.utils.resolvers import sd_sigmas
+
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert torch.equal(DDPMSchedule.scaled_linear().alphas_cumprod, ref.alphas_cumprod.double())
+    sigmas = sd_sigmas(999, 749, 499, 249)
+    ac = ref.alphas_cumprod.double()
+    assert sigmas[0] == float(((1 - ac[999]) / ac[999]).sqrt())
+    assert torch.equal(
+        DDPMSchedule(ref.alphas_cumprod).sigma_to_t(torch.tensor(sigmas, dtype=torch.float64)),
+        torch.tensor([999.0, 749.0, 499.0, 249.0]),
+    )
+    with pytest.raises(ValueError, match="integer timesteps"):
+        sd_sigmas(1000)
