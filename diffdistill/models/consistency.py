@@ -212,16 +212,20 @@ def has_boundary_condition(denoiser: nn.Module) -> bool:
     return getattr(denoiser, "boundary_sigma", None) is not None
 
 
-def wrap_boundary_condition(generator: nn.Module, sigma_min: float, kind: str = "song") -> nn.Module:
+def wrap_boundary_condition(generator: nn.Module, sigma_min: float, kind: str = "auto") -> nn.Module:
     """Replace ``generator.denoiser`` by a boundary-condition wrapper (in place, parameters unchanged):
     ``kind="song"`` a :class:`ConsistencyDenoiser` with boundary ``sigma_min``, ``kind="lcm"`` an
-    :class:`LCMBoundaryDenoiser` (LCM's discrete-timestep scalings; ``sigma_min`` unused).
+    :class:`LCMBoundaryDenoiser` (LCM's discrete-timestep scalings; ``sigma_min`` unused). ``"auto"``: LCM's for a
+    VP discrete-time network (SD-family and DDPM adapters: the parametrisation of diffusers' ``LCMScheduler``, so the
+    student exports to a stock pipeline), Song's for every other.
 
     Does nothing when the denoiser already has a boundary condition. Parameter objects are kept, so an
     optimiser built before or after this call sees the same tensors; state-dict keys gain an ``inner.`` level.
     """
-    if kind not in ("song", "lcm"):
-        raise ValueError(f"boundary condition kind must be 'song' or 'lcm', got {kind!r}")
+    if kind not in ("auto", "song", "lcm"):
+        raise ValueError(f"boundary condition kind must be 'auto', 'song' or 'lcm', got {kind!r}")
+    if kind == "auto":
+        kind = "lcm" if discrete_vp_schedule(generator.denoiser) is not None else "song"
     if not has_boundary_condition(generator.denoiser):
         wrapper = LCMBoundaryDenoiser if kind == "lcm" else lambda d: ConsistencyDenoiser(d, sigma_min)
         generator.denoiser = wrapper(generator.denoiser)

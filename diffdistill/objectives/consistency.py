@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
-from diffdistill.models.consistency import has_boundary_condition, wrap_boundary_condition
+from diffdistill.models.consistency import discrete_vp_schedule, has_boundary_condition, wrap_boundary_condition
 from diffdistill.models.teacher import can_guide
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
 from diffdistill.objectives.common import add_noise, data_noise_scale, per_sample_mean, pseudo_huber
@@ -229,7 +229,11 @@ class ConsistencyDistillation(Objective):
         cd_weight(torch.ones(1), weighting, 0.5)  # validates the name
         self.teacher, self.generator = teacher, generator
         c = data_noise_scale(teacher, generator, match_sigma_data)
-        self.sigma_min, self.sigma_max, self.rho = c * float(sigma_min), c * float(sigma_max), float(rho)
+        self.sigma_min, self.sigma_max = c * float(sigma_min), c * float(sigma_max)
+        if discrete_vp_schedule(teacher) is not None:  # a DDPM-family teacher (SD: [0.029, 14.6]) has no other sigmas
+            self.sigma_min = max(self.sigma_min, float(teacher.sigma_min))
+            self.sigma_max = min(self.sigma_max, float(teacher.sigma_max))
+        self.rho = float(rho)
         self.num_scales, self.target_ema = int(num_scales), float(target_ema)
         self.distance, self.huber_c, self.weighting = distance, huber_c, weighting
         self.guidance_scale = guidance_scale

@@ -197,6 +197,17 @@ def test_every_objective_distils_the_tiny_text_to_image_teacher(tmp_path, t2i, n
         x = gen.sample(torch.randn(2, *gen.sample_shape), cond, generator=torch.Generator().manual_seed(0))
         images = trainer.teacher.latent.decode(x)
     assert x.shape == (2, 4, 8, 8) and images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    # the export: a stock StableDiffusionPipeline (verified against diffdistill's sampler when written), which samples
+    # from a prompt with the recipe's call
+    from diffusers import StableDiffusionPipeline
+
+    from diffdistill.export import export
+
+    result = export(tmp_path, tmp_path / "pipeline")
+    assert result.pipeline_class == "StableDiffusionPipeline", result.reason
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    out = pipe(["a dog", "a cat"], generator=torch.Generator().manual_seed(0), output_type="pt", **result.call)
+    assert out.images.shape == (2, 3, 16, 16) and torch.isfinite(out.images).all()
 
 
 def test_eval_cli_decodes_and_prompts_a_text_to_image_student(tmp_path, t2i):
