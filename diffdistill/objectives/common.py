@@ -52,12 +52,19 @@ def karras_index_sigmas(sigmas_ascending: Tensor, batch: int, k_min: int, k_max:
 
 
 def dm_timestep_grid(schedule, teacher, min_step_percent: float, max_step_percent: float) -> tuple[Tensor, int, int]:
-    """DMD2's distribution-matching timesteps: the ascending Karras grid of ``schedule`` (default: the teacher's
-    noise range, 1000 levels) and the index range ``[min_step_percent T, max_step_percent T]``."""
+    """DMD2's distribution-matching timesteps: the ascending grid of ``schedule`` and the index range
+    ``[min_step_percent T, max_step_percent T]``. Without a schedule: a DDPM-family teacher's own ``T`` timesteps
+    (DMD2's SD code draws ``t ~ U{20..980}`` of 1000, ``main/sd_guidance.py``), else a 1000-level Karras grid over the
+    teacher's noise range."""
+    from diffdistill.models.consistency import discrete_vp_schedule
+    from diffdistill.schedules.discrete import DDPMSchedule
     from diffdistill.schedules.karras import KarrasSchedule
 
-    schedule = schedule or KarrasSchedule(teacher.sigma_min, teacher.sigma_max)
-    sigmas = schedule.sigmas(ascending=True)  # sigma_0 = sigma_min ... sigma_{T-1} = sigma_max
+    schedule = schedule or discrete_vp_schedule(teacher) or KarrasSchedule(teacher.sigma_min, teacher.sigma_max)
+    if isinstance(schedule, DDPMSchedule):
+        sigmas = schedule.sigmas.float()  # ascending in t
+    else:
+        sigmas = schedule.sigmas(ascending=True)  # sigma_0 = sigma_min ... sigma_{T-1} = sigma_max
     T = len(sigmas)
     k_min, k_max = int(min_step_percent * T), int(max_step_percent * T)
     if not 0 <= k_min <= k_max < T:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,8 @@ from diffdistill.models.generator import FakeScore, Generator
 from diffdistill.models.teacher import Teacher
 from diffdistill.objectives.base import OBJECTIVES, Objective
 from diffdistill.training.ema import copy_sharing_frozen
+
+log = logging.getLogger("diffdistill")
 
 
 @dataclass
@@ -170,6 +173,27 @@ def analytic_teacher(dataset, guidance_scale: float = 1.0) -> Teacher:
     if not hasattr(dataset, "teacher"):
         raise ValueError(f"dataset {type(dataset).__name__} has no analytic teacher; use a toy dataset")
     return Teacher(dataset.teacher(), guidance_scale)
+
+
+def schedule_within_teacher(schedule, teacher: Teacher):
+    """``schedule``, or ``None`` (the teacher's own noise levels: an SD teacher's 1000 DDPM timesteps) when its range
+    leaves the teacher's: the default Karras grid ``[0.002, 80]`` on an SD teacher (``[0.029, 14.6]``) would ask the
+    teacher for noise levels it was never trained on. Logged, since the group was chosen (by default or by hand)."""
+    lo, hi = getattr(schedule, "sigma_min", None), getattr(schedule, "sigma_max", None)
+    if lo is None or hi is None or not isinstance(lo, (int, float)):
+        return schedule
+    t_lo, t_hi = float(teacher.sigma_min), float(teacher.sigma_max)
+    if lo >= t_lo * (1 - 1e-6) and hi <= t_hi * (1 + 1e-6):
+        return schedule
+    log.info(
+        "schedule [%g, %g] leaves the teacher's noise range [%g, %g]: using the teacher's own noise levels "
+        "(set schedule.sigma_min/sigma_max inside that range to keep a Karras grid)",
+        lo,
+        hi,
+        t_lo,
+        t_hi,
+    )
+    return None
 
 
 def objective_class(node: DictConfig) -> type[Objective]:
@@ -333,6 +357,7 @@ def build_experiment(cfg: DictConfig, with_objective: bool = True) -> Experiment
     if objective_cls.name not in OBJECTIVES:
         raise ValueError(f"objective {objective_cls.__name__} is not registered")
     schedule = _instantiate(cfg.schedule, "schedule", "schedule") if cfg.get("schedule") else None
+    schedule = schedule_within_teacher(schedule, teacher)
     hparams = OmegaConf.to_container(cfg.objective, resolve=True)
     check_objective_config(objective_cls, {k: v for k, v in hparams.items() if k[0] != "_"})
     hparams = {k: v for k, v in hparams.items() if k[0] != "_"}  # nested mappings too: build_role may read them
