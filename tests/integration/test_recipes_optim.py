@@ -136,8 +136,92 @@ PAPER = {
         None,
         "Zhou et al. 2024; mingyuanzhou/SiD run_sid.sh ImageNet-64: Adam betas (0, 0.999), lr 4e-6",
     ),
+    "sd15/dmd2": (
+        torch.optim.AdamW,
+        1e-5,
+        (0.9, 0.999),
+        1e-8,
+        0.01,
+        500,
+        10.0,
+        "Yin et al. 2024 (arXiv:2405.14867); tianweiy/DMD2 experiments/sdv1.5/*_lr1e-5_*_from_scratch.sh, train_sd.py",
+    ),
+    "sd15/dmd2_gan": (
+        torch.optim.AdamW,
+        5e-7,
+        (0.9, 0.999),
+        1e-8,
+        0.01,
+        500,
+        10.0,
+        "tianweiy/DMD2 experiments/sdv1.5/*_lr5e-7_*_gan1e-3_*.sh (stage 2), train_sd.py AdamW wd 0.01, warm-up 500",
+    ),
+    "sdxl/dmd2": (
+        torch.optim.AdamW,
+        5e-7,
+        (0.9, 0.999),
+        1e-8,
+        0.01,
+        500,
+        10.0,
+        "tianweiy/DMD2 experiments/sdxl/sdxl_cond999_8node_lr5e-7_denoising4step_*_backsim_scratch.sh",
+    ),
+    "sdxl/dmd2_lora": (
+        torch.optim.AdamW,
+        5e-5,
+        (0.9, 0.999),
+        1e-8,
+        0.01,
+        500,
+        10.0,
+        "tianweiy/DMD2 experiments/sdxl/sdxl_cond999_8node_lr5e-5_*_backsim_scratch_lora.sh",
+    ),
+    "sd15/lcm": (
+        torch.optim.AdamW,
+        1e-6,
+        (0.9, 0.999),
+        1e-8,
+        0.0,
+        0,
+        1.0,
+        "diffusers examples/consistency_distillation/README.md (train_lcm_distill_sd_wds.py): lr 1e-6, wd 0, "
+        "constant, clip 1 (the README's 8-bit AdamW is optim=adamw8bit)",
+    ),
+    "sdxl/lcm_lora": (
+        torch.optim.AdamW,
+        1e-4,
+        (0.9, 0.999),
+        1e-8,
+        0.0,
+        0,
+        1.0,
+        "diffusers examples/consistency_distillation/README_sdxl.md (train_lcm_distill_lora_sdxl_wds.py): lr 1e-4",
+    ),
+    "sd15/sid_lsg": (
+        torch.optim.Adam,
+        1e-6,
+        (0.0, 0.999),
+        1e-8,
+        0.0,
+        0,
+        0.0,
+        "Zhou et al. 2024 (arXiv:2406.01561); mingyuanzhou/SiD-LSG run_sid.sh sd1.5, sid_train.py (fp32: no clipping)",
+    ),
+    "sd3/rcm": (
+        torch.optim.AdamW,
+        {"generator": 2e-6, "fake_score": 4e-7},
+        (0.0, 0.999),
+        None,
+        0.01,
+        None,
+        None,
+        "Zheng et al. (arXiv:2510.08431); NVlabs/rcm rcm/configs/experiments/rcm/wan2pt1_t2v.py (Wan values on SD3)",
+    ),
 }
 NOT_A_PAPER_SETTING = {
+    "sd15/dmd2_4step": "its comment: DMD2 released no 4-step SD1.5 run; SD1.5 optimiser with SDXL's 4-step machinery",
+    "sd15/add": "its comment: ADD's optimiser settings are not in the sources read; a starting point",
+    "sd3/ladd": "its comment: LADD's optimiser settings are not in the sources read; a starting point",
     "imagenet64/ect": "its comment: lr and batch are ECT's CIFAR-10 run scaled, a starting point, not a paper value",
 }
 # CPU-sized recipes: what each keeps from its paper (class, betas, weight decay, grad clip; None = not kept)
@@ -163,7 +247,9 @@ def _built(spec, role: str, max_steps: int):
 
 
 def test_every_recipe_is_accounted_for():
-    unknown = [r for r in RECIPES if r.split("/")[0] in ("cifar10", "imagenet64") and r not in PAPER]
+    unknown = [
+        r for r in RECIPES if r.split("/")[0] in ("cifar10", "imagenet64", "sd15", "sdxl", "sd3") and r not in PAPER
+    ]
     unknown = [r for r in unknown if r not in NOT_A_PAPER_SETTING]
     assert not unknown, f"enter the paper's optimiser values of {unknown} in PAPER ({Path(__file__).name})"
 
