@@ -176,9 +176,10 @@ def rf_to_edm(x_rf: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def edm_to_rf(x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-    """EDM ``(x, sigma)`` -> ``(x_rf, u)`` with ``u = sigma / (1 + sigma)``."""
+    """EDM ``(x, sigma)`` -> ``(x_rf, u)`` with ``u = sigma / (1 + sigma)``; ``x_rf = (1-u) x`` is computed as
+    ``x / (1 + sigma)`` (no cancellation in ``1 - u`` as ``u -> 1``)."""
     u = sigma / (1.0 + sigma)
-    return x * append_dims(1.0 - u, x.ndim), u
+    return x / append_dims(1.0 + sigma, x.ndim), u
 
 
 def trig_to_edm(x_trig: Tensor, t: Tensor, sigma_data: float) -> tuple[Tensor, Tensor]:

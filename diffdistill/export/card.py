@@ -34,11 +34,18 @@ class CardInfo:
     schedule_rho: float | None = None
     num_train_timesteps: int | None = None
     timesteps: list[int] | None = None  # SD-family exports: the recipe's discrete timesteps
-    scheduler: str | None = None  # SD-family exports: LCMScheduler | TCDScheduler
+    scheduler: str | None = None  # LCMScheduler | TCDScheduler (SD family) | FlowMatchEulerDiscreteScheduler
+    flow_times: list[float] | None = None  # flow (SD3) exports: u = sigma / (1 + sigma) of the recipe
+    flow_shift: float | None = None  # flow exports: the scheduler's time shift s (sigma -> s sigma)
+    load_kwargs: dict[str, Any] | None = None  # flow exports: from_pretrained keywords (text_encoder_3=None, ...)
 
     @property
     def is_text_to_image(self) -> bool:
         return self.pipeline_class.startswith("StableDiffusion")
+
+    @property
+    def is_flow(self) -> bool:
+        return self.flow_times is not None
 
     @property
     def is_image(self) -> bool:
@@ -84,6 +91,27 @@ def _kwargs(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in d.items())
 
 
+def _flow_snippet(info: CardInfo) -> str:
+    loc, cls = json.dumps(info.location), info.pipeline_class
+    calls = info.stock_calls or {}
+    load = "".join(f", {k}={v!r}" for k, v in (info.load_kwargs or {}).items())
+    lines = ["import torch", f"from diffusers import {cls}", "", f"pipe = {cls}.from_pretrained({loc}{load})"]
+    if info.lora == "adapters":
+        lines.append(f'pipe.load_lora_weights({loc}, subfolder="lora")  # the distilled LoRA (pipe.fuse_lora() merges)')
+    prompt = json.dumps("a photo of a cat")
+    lines.append(
+        f"image = pipe({prompt}, {_kwargs(calls.get('one', {}))}, generator=torch.Generator().manual_seed(0))"
+        ".images[0]  # one step"
+    )
+    if len(info.sampling_sigmas) > 1:
+        lines.append("torch.manual_seed(1)  # the re-noising's global generator: not the latents' seed (same stream)")
+        lines.append(
+            f"image = pipe({prompt}, {_kwargs(calls.get('all', {}))}, generator=torch.Generator().manual_seed(0))"
+            ".images[0]  # the recipe"
+        )
+    return "\n".join(lines)
+
+
 def _sd_snippet(info: CardInfo) -> str:
     loc, cls = json.dumps(info.location), info.pipeline_class
     calls = info.stock_calls or {}
@@ -105,6 +133,8 @@ def _sd_snippet(info: CardInfo) -> str:
 
 def snippet(info: CardInfo) -> str:
     """The Python that loads the pipeline and samples it (one step, then the recipe)."""
+    if info.is_flow:
+        return _flow_snippet(info)
     if info.is_text_to_image:
         return _sd_snippet(info)
     loc = info.location
@@ -229,7 +259,9 @@ def model_card(info: CardInfo) -> str:
     lines += [f"- {k}: {v}" for k, v in facts if v is not None]
     lines += ["", "## Sampling recipe", ""]
     lines.append(f"- Pipeline: `{info.pipeline_class}` ({info.reason}).")
-    if info.is_text_to_image:
+    if info.is_flow:
+        lines += _flow_recipe(info)
+    elif info.is_text_to_image:
         lines += _sd_recipe(info)
     elif info.pipeline_class == "ConsistencyModelPipeline":
         noise = "the unit latents, then one noise tensor per step"
@@ -259,6 +291,31 @@ def _sd_recipe(info: CardInfo) -> list[str]:
         lines.append(f"- TCD: `eta = gamma = {info.gamma:g}`.")
     if not info.guidance_embedded:
         lines.append("- No classifier-free guidance at sampling time (`guidance_scale <= 1`): it was distilled in.")
+    return lines
+
+
+def _flow_recipe(info: CardInfo) -> list[str]:
+    calls = info.stock_calls or {}
+    u = [round(v, 6) for v in info.flow_times or []]
+    lines = [
+        f"- Scheduler: `{info.scheduler}` with `stochastic_sampling=True`: each step predicts `x0 = x_t - u v` and "
+        "re-noises to the next flow time with fresh noise, `x_t' = (1 - u') x0 + u' eps`, as diffdistill's few-step "
+        f"sampler does. Flow times `u = {u}` (EDM sigmas `{info.sampling_sigmas}`, `u = sigma / (1 + sigma)`).",
+        f"- Pass `sigmas={calls.get('all', {}).get('sigmas')}`: the flow times *before* the scheduler's time shift "
+        f"(s = {info.flow_shift:g}, `u = s u0 / (1 + (s - 1) u0)`), which give these `u` exactly (also recorded in "
+        "`diffdistill.json` and `scheduler/scheduler_config.json`, `_diffdistill_recipe`); the first `n` of them "
+        "sample `n` steps.",
+        "- Noise: the pipeline draws the unit latents from `generator`; the scheduler's re-noising draws one tensor "
+        "per step from torch's *global* generator (`StableDiffusion3Pipeline` calls `scheduler.step` without "
+        "`generator`), so seed it with `torch.manual_seed` for reproducible few-step samples, with a seed other "
+        "than the generator's (generators seeded alike draw the same stream: the first step's noise would repeat "
+        "the latents).",
+        "- No classifier-free guidance at sampling time: pass `guidance_scale=1.0` (the pipeline's default is 7).",
+    ]
+    if info.load_kwargs:
+        lines.append(
+            f"- This pipeline has no T5 text encoder: load it with {_kwargs(info.load_kwargs)} (T5's place is zeros)."
+        )
     return lines
 
 

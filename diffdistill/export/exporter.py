@@ -14,6 +14,9 @@ Which pipeline (:func:`choose_pipeline`):
   teacher's stock ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` with the student's UNet and an
   ``LCMScheduler`` (``TCDScheduler`` for TCD sampling) plus the recipe's timesteps (:mod:`diffdistill.export.sd`);
   LoRA students as the base network plus a ``load_lora_weights`` folder ``lora/``, or fused;
+* a flow-matching (SD3) student (a ``DiffusersFlowDenoiser``, possibly with LoRA): the teacher's stock
+  ``StableDiffusion3Pipeline`` with the student's transformer and ``FlowMatchEulerDiscreteScheduler`` with
+  ``stochastic_sampling`` plus the recipe's ``sigmas`` (:mod:`diffdistill.export.flow`);
 * anything else (plain EDM students such as DMD's, guidance-embedded students, TCD sampling, MLP backbones):
   :class:`~diffdistill.export.pipeline.DiffDistillPipeline`.
 
@@ -500,10 +503,11 @@ def export_pipeline(
         eval_results: results JSON files to copy into ``eval/`` and summarise in the card.
         repo_id: the hub repository the folder will be pushed to (used in the card's snippet).
         verify: load the written folder back and compare it with diffdistill's sampler before publishing.
-        base: SD-family students: the teacher's pipeline folder or hub id, whose VAE, text encoder(s) and
-            tokenizer(s) the export carries (default: the teacher path recorded in ``metadata``); see
-            :mod:`diffdistill.export.sd`.
+        base: SD-family and flow (SD3) students: the teacher's pipeline folder or hub id, whose VAE, text
+            encoder(s) and tokenizer(s) the export carries (default: the teacher path recorded in ``metadata``); see
+            :mod:`diffdistill.export.sd` and :mod:`diffdistill.export.flow`.
     """
+    from diffdistill.export.flow import export_flow, is_flow_student
     from diffdistill.export.sd import is_sd_student
     from diffdistill.models.lora import has_lora
 
@@ -517,6 +521,8 @@ def export_pipeline(
         gamma = float(meta["gamma"])
     if is_sd_student(generator):
         return _export_sd(generator, out, meta, gamma, pipeline, lora, eval_results, source, repo_id, verify, base)
+    if is_flow_student(generator):
+        return export_flow(generator, out, meta, gamma, pipeline, lora, eval_results, source, repo_id, verify, base)
     gen = copy.deepcopy(generator).cpu().eval()
     ref = copy.deepcopy(gen) if verify else None  # what the written folder must reproduce (LoRA still unmerged)
     lora_used = has_lora(gen.denoiser)
@@ -726,7 +732,7 @@ def export(
 
     ``ema``: ``"auto"`` (the highest-decay EMA track), a decay, or ``None`` (the online weights). The run's
     ``eval/*.json`` are copied and summarised. ``push_to_hub``: a hub repository id to upload the folder to.
-    ``base``: an SD-family student's teacher pipeline (default: the teacher path the run recorded).
+    ``base``: an SD-family or flow (SD3) student's teacher pipeline (default: the teacher path the run recorded).
     """
     from diffdistill.models.io import generator_folder, load_generator
 

@@ -155,7 +155,7 @@ def resolve_base(base: str | Path | None, metadata: dict[str, Any]) -> str:
         if not local.exists() and teacher.count("/") == 1 and not teacher.startswith((".", "/", "~")):
             return teacher
     raise ValueError(
-        "an SD-family student exports into its teacher's pipeline (VAE, text encoders, tokenizers): pass "
+        "this student exports into its teacher's pipeline (VAE, text encoders, tokenizers): pass "
         "base=<teacher pipeline folder> (diffdistill-export base=...); the run metadata records "
         + (f"teacher {teacher!r}, which is not a pipeline folder" if teacher else "no teacher path")
     )
