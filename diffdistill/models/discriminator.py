@@ -16,9 +16,10 @@ API (for objectives built on it):
   with any denoiser, analytic ones included).
 * ``disc(network, x, sigma, cond)`` -> logits ``[B, heads]``; ``disc.logits(features, x, sigma)`` when the caller
   already has the features (one forward of the network for several uses).
-* Heads: ``"conv"`` (DMD2's head on a ``[B, C, H, W]`` map: conv 4x4 stride 2, GroupNorm, SiLU, a conv whose
-  kernel covers what is left (4x4 stride 4 on DMD2's 8x8 bottleneck), GroupNorm, SiLU, conv 1x1 to one logit,
-  averaged over any remaining positions) and ``"mlp"`` (per position or token: linear, SiLU, linear to one logit,
+* Heads: ``"conv"`` (DMD2's head on a ``[B, C, H, W]`` map: conv 4x4 stride 2, GroupNorm, SiLU, repeated until
+  the map is 4x4 (once on DMD2's 8x8 SD1.5 / ImageNet bottleneck, three times on SDXL's 32x32), a conv whose
+  kernel covers what is left (4x4 stride 4), GroupNorm, SiLU, conv 1x1 to one logit, averaged over any remaining
+  positions) and ``"mlp"`` (per position or token: linear, SiLU, linear to one logit,
   averaged over positions; takes ``[B, C]``, ``[B, L, C]`` and ``[B, C, H, W]``).
 * Losses and the R1 penalty live in ``diffdistill/objectives/gan.py`` (``ns`` / ``hinge``, R1 ``exact`` /
   ``approx``).
@@ -50,21 +51,40 @@ def _groups(channels: int) -> int:
     return next(g for g in range(min(32, channels), 0, -1) if channels % g == 0 and channels // g >= min(8, channels))
 
 
-class ConvHead(nn.Module):
-    """DMD2's classifier head on a ``[B, C, H, W]`` feature map (``tianweiy/DMD2`` ``main/edm/edm_guidance.py``):
-    downsample 2x, then a conv over the rest, one logit (averaged over positions if any remain)."""
+CONV_DOWNSAMPLING = ("once", "to_4x4")
 
-    def __init__(self, channels: int, spatial: int, hidden: int | None = None):
+
+def conv_head_blocks(spatial: int, downsample: str = "to_4x4") -> list[int]:
+    """The map side after each stride-2 block (conv 4x4, stride 2, padding 1) of a :class:`ConvHead`: one block
+    (``"once"``), or blocks repeated until the side is at most 4 (``"to_4x4"``, DMD2's SDXL head on a 32x32 map:
+    32 -> 16 -> 8 -> 4; on maps of 8 or less it is one block, as ``"once"``)."""
+    if downsample not in CONV_DOWNSAMPLING:
+        raise ValueError(f"discriminator conv_downsample must be one of {CONV_DOWNSAMPLING}, got {downsample!r}")
+    sides = [(spatial + 2 - 4) // 2 + 1]
+    while downsample == "to_4x4" and sides[-1] > 4:
+        sides.append((sides[-1] + 2 - 4) // 2 + 1)
+    return sides
+
+
+class ConvHead(nn.Module):
+    """DMD2's classifier head on a ``[B, C, H, W]`` feature map (``tianweiy/DMD2`` ``main/edm/edm_guidance.py``,
+    ``main/sd_guidance.py``): stride-2 blocks (conv 4x4/2, GroupNorm, SiLU; one, or repeated to a 4x4 map: SDXL's
+    three on 32x32), then a conv over the rest (4x4/4 on a 4x4 map), GroupNorm, SiLU, conv 1x1 to one logit
+    (averaged over positions if any remain)."""
+
+    def __init__(self, channels: int, spatial: int, hidden: int | None = None, downsample: str = "once"):
         super().__init__()
         h = int(hidden or channels)
-        after = (spatial + 2 - 4) // 2 + 1  # conv 4x4, stride 2, padding 1
-        if after < 1:
+        sides = conv_head_blocks(spatial, downsample)
+        if sides[0] < 1:
             raise ValueError(f"discriminator_heads: a conv head needs a feature map of at least 2x2, got {spatial}")
-        k = min(4, after)
+        k = min(4, sides[-1])
+        layers: list[nn.Module] = []
+        for i in range(len(sides)):
+            layers += [nn.Conv2d(channels if i == 0 else h, h, kernel_size=4, stride=2, padding=1)]
+            layers += [nn.GroupNorm(_groups(h), h), nn.SiLU()]
         self.net = nn.Sequential(
-            nn.Conv2d(channels, h, kernel_size=4, stride=2, padding=1),
-            nn.GroupNorm(_groups(h), h),
-            nn.SiLU(),
+            *layers,
             nn.Conv2d(h, h, kernel_size=k, stride=k),
             nn.GroupNorm(_groups(h), h),
             nn.SiLU(),
@@ -108,6 +128,9 @@ class Discriminator(nn.Module):
         head: ``"conv"`` (DMD2, feature maps only) or ``"mlp"``.
         hidden: head width (``None``: the tap's channels, as in DMD2).
         sigma_data: scaling of the ``"input"`` tap.
+        conv_downsample: stride-2 blocks of a conv head: ``"once"`` (the default of saved heads that predate the
+            key) or ``"to_4x4"`` (repeated until the map is 4x4, DMD2's SDXL head; what :meth:`for_network` builds;
+            identical to ``"once"`` on maps of 8x8 or less).
     """
 
     def __init__(
@@ -117,8 +140,13 @@ class Discriminator(nn.Module):
         head: str = "conv",
         hidden: int | None = None,
         sigma_data: float = 0.5,
+        conv_downsample: str = "once",
     ):
         super().__init__()
+        if conv_downsample not in CONV_DOWNSAMPLING:
+            raise ValueError(
+                f"discriminator conv_downsample must be one of {CONV_DOWNSAMPLING}, got {conv_downsample!r}"
+            )
         if head not in HEADS:
             raise ValueError(f"discriminator_heads.head must be one of {HEADS}, got {head!r}")
         if not taps or len(taps) != len(tap_shapes):
@@ -126,6 +154,7 @@ class Discriminator(nn.Module):
         self.taps = [t if t == INPUT_TAP else int(t) for t in taps]
         self.tap_shapes = [[int(s) for s in shape] for shape in tap_shapes]
         self.head, self.hidden, self.sigma_data = head, hidden, float(sigma_data)
+        self.conv_downsample = conv_downsample
         heads = []
         for tap, shape in zip(self.taps, self.tap_shapes):
             if head == "conv":
@@ -134,7 +163,7 @@ class Discriminator(nn.Module):
                         f"discriminator_heads: tap {tap!r} has shape {shape}; a conv head needs [C, H, W] maps "
                         "(use head: mlp)"
                     )
-                heads.append(ConvHead(shape[0], min(shape[1:]), hidden))
+                heads.append(ConvHead(shape[0], min(shape[1:]), hidden, conv_downsample))
             else:
                 heads.append(MLPHead(shape[-1] if len(shape) == 2 else shape[0], hidden))
         self.heads = nn.ModuleList(heads)
@@ -148,8 +177,10 @@ class Discriminator(nn.Module):
         hidden: int | None = None,
         sample_shape: tuple[int, ...] | None = None,
         sigma_data: float | None = None,
+        conv_downsample: str = "to_4x4",
     ) -> Discriminator:
-        """Heads sized for ``network``'s taps, found by one probing forward (no gradient)."""
+        """Heads sized for ``network``'s taps, found by one probing forward (no gradient); conv heads downsample to
+        a 4x4 map (``conv_downsample``)."""
         taps = [t if t == INPUT_TAP else int(t) for t in taps]
         shape = tuple(sample_shape or network.sample_shape)
         sd = float(sigma_data if sigma_data is not None else getattr(network, "sigma_data", 0.5))
@@ -177,7 +208,7 @@ class Discriminator(nn.Module):
                 raise ValueError(f"discriminator_heads.taps: tap {t} out of range, the network has {len(feats)} taps")
             else:
                 shapes.append(list(feats[t].shape[1:]))
-        return cls(taps, shapes, head, hidden, sd)
+        return cls(taps, shapes, head, hidden, sd, conv_downsample)
 
     def to_config(self) -> dict[str, Any]:
         """Rebuilds these heads alone (see ``diffdistill.models.io.model_config``)."""
@@ -188,6 +219,7 @@ class Discriminator(nn.Module):
             "head": self.head,
             "hidden": self.hidden,
             "sigma_data": self.sigma_data,
+            "conv_downsample": self.conv_downsample,
         }
 
     @property

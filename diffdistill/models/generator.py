@@ -14,6 +14,8 @@ from diffdistill.models.conditioning import Conditioning, as_conditioning
 from diffdistill.models.denoiser import Denoiser, WrapsDenoiser
 from diffdistill.sampling import multistep_sample, tcd_sample
 
+INPUT_NOISE = ("prior", "sigma")
+
 
 def trainable_copy(teacher: nn.Module) -> Denoiser:
     """A trainable deep copy of the teacher's denoiser (analytic denoisers provide ``trainable_copy``)."""
@@ -30,6 +32,14 @@ class Generator(WrapsDenoiser, nn.Module):
         denoiser: the trainable denoiser (usually a deep copy of the teacher's).
         sigma_init: the noise level of the one-step input (80 for EDM teachers, 2.5 for SiD).
         sampling_sigmas: the default few-step sigma list (``[sigma_init]`` = one step).
+        guidance: ``{w_min, w_max, w_default}`` of a guidance-embedded student (see :meth:`set_guidance`).
+        adaptive_weight: sCM's learned loss weight, saved with the student.
+        input_noise: the scale of unit noise ``z`` at the first sigma: ``"prior"`` (``Denoiser.prior_std(sigma) z``:
+            ``sigma z`` for EDM networks, unit noise in a VP / flow model's native space, ``x_vp = z``; what stock
+            pipelines start from) or ``"sigma"`` (``sigma z`` for every network: on a VP teacher ``x_vp =
+            sqrt(1 - abar_t) z``, SiD-LSG's generator input ``add_noise(0, z, t_init)``, ``mingyuanzhou/SiD-LSG``
+            ``training/sid_sd_util.py``). Only the first input differs; re-noising between steps is ``x0 + sigma eps``
+            either way.
     """
 
     def __init__(
@@ -39,8 +49,12 @@ class Generator(WrapsDenoiser, nn.Module):
         sampling_sigmas: list[float] | None = None,
         guidance: dict[str, float] | None = None,
         adaptive_weight: nn.Module | None = None,
+        input_noise: str = "prior",
     ):
         super().__init__()
+        if input_noise not in INPUT_NOISE:
+            raise ValueError(f"student.input_noise must be one of {INPUT_NOISE}, got {input_noise!r}")
+        self.input_noise = input_noise
         if not float(sigma_init) > 0:
             raise ValueError(f"student.sigma_init must be > 0, got {sigma_init}")
         if sampling_sigmas is not None and any(not float(s) > 0 for s in sampling_sigmas):
@@ -64,6 +78,7 @@ class Generator(WrapsDenoiser, nn.Module):
             "sampling_sigmas": self.sampling_sigmas,
             "guidance": self.guidance,
             "adaptive_weight": model_config(aw) if aw is not None else None,
+            "input_noise": self.input_noise,
         }
 
     def set_guidance(self, w_min: float, w_max: float, w_default: float | None = None) -> None:
@@ -98,10 +113,14 @@ class Generator(WrapsDenoiser, nn.Module):
 
     @classmethod
     def from_teacher(
-        cls, teacher: nn.Module, sigma_init: float = 80.0, sampling_sigmas: list[float] | None = None
+        cls,
+        teacher: nn.Module,
+        sigma_init: float = 80.0,
+        sampling_sigmas: list[float] | None = None,
+        input_noise: str = "prior",
     ) -> Generator:
         """Deep-copy the teacher's denoiser (trainable) as the student's initialisation."""
-        return cls(trainable_copy(teacher), sigma_init, sampling_sigmas)
+        return cls(trainable_copy(teacher), sigma_init, sampling_sigmas, input_noise=input_noise)
 
     def denoise(self, x: Tensor, sigma: Tensor | float, cond: Conditioning | None = None) -> Tensor:
         return self.denoiser(x, as_sigma(sigma, x.shape[0], x.device), self._guided(cond))
@@ -112,9 +131,18 @@ class Generator(WrapsDenoiser, nn.Module):
         sigma_t = as_sigma(s, z.shape[0], z.device)
         return self.denoiser(self.noise_input(z, sigma_t), sigma_t, self._guided(cond))
 
+    def prior_std(self, sigma: float | Tensor) -> float | Tensor:
+        """The scale of unit noise ``z`` that starts this student's sampling at ``sigma`` (``input_noise``): the
+        denoiser's ``prior_std(sigma)``, or ``sigma`` itself for ``input_noise="sigma"``. Every sampler of the
+        student (``noise_input``, ``sample``, evaluation, the exported pipelines) reads it here."""
+        if self.input_noise == "sigma":
+            return sigma
+        return self.denoiser.prior_std(sigma)
+
     def noise_input(self, z: Tensor, sigma: Tensor | float) -> Tensor:
         """The student's input for unit noise ``z`` at ``sigma`` (``[B]`` or a float): ``prior_std(sigma) z``, which
-        is ``sigma z`` for EDM-family networks and unit noise in the native space of VP / flow adapters."""
+        is ``sigma z`` for EDM-family networks and unit noise in the native space of VP / flow adapters (``sigma z``
+        for every network with ``input_noise="sigma"``)."""
         from diffdistill.conventions import append_dims
 
         if not torch.is_tensor(sigma):

@@ -31,18 +31,44 @@ def gradient_injection_loss(x: Tensor, grad: Tensor) -> Tensor:
     return 0.5 * per_sample_mean((x - target) ** 2)
 
 
+DSM_WEIGHTINGS = ("edm", "eps", "none")
+
+
+def dsm_weight(sigma: Tensor, sigma_data: float, weighting: str = "edm") -> Tensor:
+    """``lambda(sigma)`` of a denoising loss on the ``x0`` error, ``[B]``.
+
+    ``"edm"``: ``1/sigma^2 + 1/sigma_d^2`` (EDM Table 1; DMD2's EDM code). ``"eps"``: ``1/sigma^2``, which makes
+    ``lambda ||x0_hat - x0||^2`` the eps-prediction MSE ``||eps_hat - eps||^2`` (``eps_hat = (x - x0_hat) / sigma``;
+    DMD2's SD code ``main/sd_guidance.py``, SiD-LSG ``training/sid_training_loop.py``; for v-prediction SiD-LSG's
+    ``snr / (snr + 1) ||v_hat - v||^2`` is the same number). ``"none"``: 1.
+    """
+    if weighting == "edm":
+        return edm_loss_weight(sigma, sigma_data)
+    if weighting == "eps":
+        return sigma.pow(-2)
+    if weighting == "none":
+        return torch.ones_like(sigma)
+    raise ValueError(f"unknown weighting '{weighting}' (one of {DSM_WEIGHTINGS})")
+
+
+def check_weighting(key: str, weighting: str) -> None:
+    """One clear error for a weighting name outside :data:`DSM_WEIGHTINGS`."""
+    if weighting not in DSM_WEIGHTINGS:
+        raise ValueError(f"unknown {key} '{weighting}' (one of {DSM_WEIGHTINGS})")
+
+
 def denoising_score_matching_loss(denoiser, x0: Tensor, sigma: Tensor, cond, weighting: str = "edm") -> Tensor:
     """Per-sample fake-score loss ``lambda(sigma) mean ||D(x0 + sigma eps, sigma) - x0||^2`` (EDM Eq. 8).
 
-    ``weighting``: ``"edm"`` uses ``lambda = 1/sigma^2 + 1/sigma_d^2`` (DMD2's EDM code), ``"none"`` uses 1.
+    ``weighting`` (:func:`dsm_weight`): ``"edm"`` (``1/sigma^2 + 1/sigma_d^2``), ``"eps"`` (``1/sigma^2``: the
+    eps-MSE of DMD2's SD code) or ``"none"`` (1).
     """
+    check_weighting("weighting", weighting)
     x, _ = add_noise(x0, sigma)
     err = per_sample_mean((denoiser(x, sigma, cond) - x0) ** 2)
-    if weighting == "edm":
-        return edm_loss_weight(sigma, denoiser.sigma_data) * err
     if weighting == "none":
         return err
-    raise ValueError(f"unknown weighting '{weighting}' (use 'edm' or 'none')")
+    return dsm_weight(sigma, denoiser.sigma_data, weighting) * err
 
 
 def karras_index_sigmas(sigmas_ascending: Tensor, batch: int, k_min: int, k_max: int, device) -> Tensor:
@@ -105,6 +131,13 @@ def backward_simulation(
 def pseudo_huber(diff: Tensor, c: float) -> Tensor:
     """Pseudo-Huber on the flattened per-sample norm ``sqrt(||d||^2 + c^2) - c`` (Song & Dhariwal 2023, Eq. 10)."""
     return (diff.flatten(1).pow(2).sum(1) + c**2).sqrt() - c
+
+
+def elementwise_pseudo_huber(diff: Tensor, c: float = 0.001) -> Tensor:
+    """Per-sample mean of the elementwise pseudo-Huber ``sqrt(d^2 + c^2) - c`` (diffusers' LCM scripts,
+    ``examples/consistency_distillation/train_lcm_distill_sd_wds.py``, ``--loss_type huber``: the batch mean of this
+    is their ``torch.mean(torch.sqrt((pred - target) ** 2 + c ** 2) - c)``)."""
+    return per_sample_mean((diff.pow(2) + c**2).sqrt() - c)
 
 
 def sample_noise(shape: tuple[int, ...], batch: int, device, dtype=torch.float32) -> Tensor:

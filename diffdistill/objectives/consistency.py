@@ -26,10 +26,17 @@ from diffdistill.models.conditioning import Batch
 from diffdistill.models.consistency import discrete_vp_schedule, has_boundary_condition, wrap_boundary_condition
 from diffdistill.models.teacher import can_guide
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
-from diffdistill.objectives.common import add_noise, data_noise_scale, per_sample_mean, pseudo_huber
+from diffdistill.objectives.common import (
+    add_noise,
+    data_noise_scale,
+    elementwise_pseudo_huber,
+    per_sample_mean,
+    pseudo_huber,
+)
 from diffdistill.schedules.karras import karras_sigmas
 
-DISTANCES = ("l2", "l1", "pseudo_huber", "lpips")
+DISTANCES = ("l2", "l1", "pseudo_huber", "huber_elementwise", "lpips")
+LCM_HUBER_C = 0.001  # diffusers' LCM scripts, --huber_c
 CD_WEIGHTINGS = ("uniform", "karras", "snr", "snr+1", "truncated-snr")
 
 
@@ -87,8 +94,10 @@ def consistency_distance(
     """Per-sample distance ``d(x, y)`` of the consistency family, shape ``[B]``.
 
     ``l2``: mean over elements of the squared error; ``l1``: mean absolute error; ``pseudo_huber``:
-    ``sqrt(||x - y||^2 + c^2) - c`` on the flattened sample (``c=None``: ``0.00054 sqrt(D)``); ``lpips``: LPIPS on
-    ``(x + 1) / 2``, bilinearly upsampled to 224 below 256 px (openai/consistency_models L219-232).
+    ``sqrt(||x - y||^2 + c^2) - c`` on the flattened sample (``c=None``: ``0.00054 sqrt(D)``);
+    ``huber_elementwise``: the mean over elements of ``sqrt((x - y)^2 + c^2) - c`` (diffusers' LCM scripts;
+    ``c=None``: 0.001); ``lpips``: LPIPS on ``(x + 1) / 2``, bilinearly upsampled to 224 below 256 px
+    (openai/consistency_models L219-232).
     """
     if kind == "l2":
         return per_sample_mean((x - y) ** 2)
@@ -96,6 +105,8 @@ def consistency_distance(
         return per_sample_mean((x - y).abs())
     if kind == "pseudo_huber":
         return pseudo_huber(x - y, default_huber_c(x) if huber_c is None else huber_c)
+    if kind == "huber_elementwise":
+        return elementwise_pseudo_huber(x - y, LCM_HUBER_C if huber_c is None else huber_c)
     if kind == "lpips":
         if lpips_fn is None:
             raise ValueError("distance='lpips' needs an LPIPS module")
@@ -183,8 +194,10 @@ class ConsistencyDistillation(Objective):
         num_scales: ``N`` of the Karras grid (18 for CIFAR-10 in the paper, 40 for ImageNet-64 / LSUN).
         sigma_min, sigma_max, rho: the Karras grid (0.002, 80, 7).
         target_ema: ``mu`` of the target update (0.95, ``--target_ema_mode fixed``).
-        distance: ``"lpips"`` (paper), ``"l2"``, ``"l1"`` or ``"pseudo_huber"``.
-        huber_c: pseudo-Huber ``c`` (``None``: ``0.00054 sqrt(D)``).
+        distance: ``"lpips"`` (paper), ``"l2"``, ``"l1"``, ``"pseudo_huber"`` (iCT's, on the per-sample norm) or
+            ``"huber_elementwise"`` (diffusers' LCM scripts' ``--loss_type huber``, per element).
+        huber_c: pseudo-Huber ``c`` (``None``: ``0.00054 sqrt(D)`` for ``pseudo_huber``, 0.001 for
+            ``huber_elementwise``).
         weighting: ``lambda(sigma_n)``: ``"uniform"`` (all released runs), ``"karras"``, ``"snr"``, ``"snr+1"``,
             ``"truncated-snr"``.
         guidance_scale: teacher CFG scale ``w`` (``None``: the teacher's own).

@@ -22,6 +22,7 @@ from diffdistill.models.conditioning import Batch, Conditioning
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
 from diffdistill.objectives.common import (
     add_noise,
+    check_weighting,
     denoising_score_matching_loss,
     dm_timestep_grid,
     gradient_injection_loss,
@@ -117,7 +118,8 @@ class DMD(Objective):
         schedule: the Karras grid the DM timesteps index into (1000 levels, ascending).
         min_step_percent, max_step_percent: DM timesteps ``k ~ U{0.02 T .. 0.98 T}`` (DMD2 defaults).
         real_guidance_scale: CFG of the real score (``None`` = the teacher's own scale).
-        fake_weighting: ``"edm"`` (``1/sigma^2 + 1/sigma_d^2``, DMD2 EDM code) or ``"none"``.
+        fake_weighting: ``"edm"`` (``1/sigma^2 + 1/sigma_d^2``, DMD2 EDM code), ``"eps"`` (``1/sigma^2``: the eps-MSE
+            of DMD2's SD code) or ``"none"``.
         critic_steps_per_generator_step: 1 in DMD (v1); DMD2 uses 5 (ImageNet) / 10 (SD1.5).
         normalize: use the per-sample normaliser (DMD Eq. 8); ``False`` gives the raw KL gradient.
         regression_weight: weight of DMD v1's regression loss on teacher ODE pairs (paper: 0.25 with LPIPS);
@@ -153,8 +155,7 @@ class DMD(Objective):
         lpips_net: str = "vgg",
         lpips_weights: str | None = None,
     ):
-        if fake_weighting not in ("edm", "none"):
-            raise ValueError(f"unknown fake_weighting '{fake_weighting}' (use 'edm' or 'none')")
+        check_weighting("fake_weighting", fake_weighting)
         if not 0.0 <= min_step_percent <= max_step_percent <= 1.0:
             raise ValueError(
                 f"need 0 <= min_step_percent <= max_step_percent <= 1, got {min_step_percent}, {max_step_percent}"

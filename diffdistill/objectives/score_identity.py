@@ -17,8 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 from diffdistill.conventions import append_dims, as_sigma, cfg_combine
 from diffdistill.models.conditioning import Batch, Conditioning
-from diffdistill.models.denoiser import edm_loss_weight
 from diffdistill.models.teacher import Teacher, can_guide
+from diffdistill.objectives.common import dsm_weight
 
 # ----------------------------------------------------------------------------------------------------------------
 # noise levels
@@ -38,6 +38,40 @@ def truncated_karras_sigmas(
     u = torch.rand(n, device=device) * (t_max / 1000.0)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + (1 - u) * (lo - hi)) ** rho
+
+
+SIGMA_SAMPLINGS = ("karras", "ddpm")
+
+
+def ddpm_timestep_sigmas(schedule, n: int, t_min: int, t_max: int, device: torch.device | str = "cpu") -> Tensor:
+    """SiD-LSG's noise levels on a DDPM-family teacher: ``t ~ U{t_min..t_max - 1}`` (``torch.randint(tmin, tmax)``,
+    ``mingyuanzhou/SiD-LSG`` ``training/sid_training_loop.py``; 20, 980 there) and ``sigma_t = sqrt((1 - abar_t) /
+    abar_t)`` of the teacher's schedule (``diffdistill.schedules.discrete.DDPMSchedule.sigmas``)."""
+    t = torch.randint(int(t_min), int(t_max), (n,), device="cpu")
+    return schedule.sigmas[t].to(device=device, dtype=torch.float32)
+
+
+def check_ddpm_range(teacher: nn.Module, t_min: float, t_max: float, objective: str):
+    """The teacher's DDPM schedule, after checking ``t_min < t_max <= T`` (integers); one clear error for a teacher
+    without discrete timesteps (EDM, flow: use ``sigma_sampling: karras``)."""
+    from diffdistill.models.consistency import discrete_vp_schedule
+
+    schedule = discrete_vp_schedule(teacher)
+    if schedule is None:
+        raise ValueError(
+            f"{objective}: sigma_sampling=ddpm draws DDPM timesteps, but the teacher ({type(teacher).__name__}) has no "
+            "DDPM schedule (an EDM or flow teacher): use sigma_sampling=karras"
+        )
+    T = len(schedule.sigmas)
+    for key, v in (("t_min", t_min), ("t_max", t_max)):
+        if float(v) != int(v):
+            raise ValueError(f"{objective}: with sigma_sampling=ddpm, {key} is a DDPM timestep (an integer), got {v}")
+    if not 0 <= int(t_min) < int(t_max) <= T:
+        raise ValueError(
+            f"{objective}: with sigma_sampling=ddpm, need 0 <= t_min < t_max <= {T} (t ~ U{{t_min..t_max - 1}}), got "
+            f"t_min={t_min}, t_max={t_max}"
+        )
+    return schedule
 
 
 def lognormal_sigmas(n: int, P_mean: float, P_std: float, device: torch.device | str = "cpu") -> Tensor:
@@ -160,12 +194,14 @@ def fake_score_loss(
     guidance_scale: float = 1.0,
     sigma: Tensor | None = None,
     noise: Tensor | None = None,
+    weighting: str = "edm",
 ) -> tuple[Tensor, dict[str, float]]:
     """Per-sample ``lambda(sigma) sum ||f_psi(x_g + sigma n, sigma) - x_g||^2`` on detached samples, ``ln sigma ~
     N(P_mean, P_std^2)``, ``lambda = 1/sigma^2 + 1/sigma_d^2`` (SiD Eq. 9 with EDM's weighting; summed over the
     sample's elements as ``mingyuanzhou/SiD`` does). Samples with non-finite values count 0. ``guidance_scale``
     is SiD-LSG's kappa_1: the fake score's guided prediction is what it fits. ``sigma`` and ``noise`` given: those
-    are used (SiDA noises its real samples with the same ones).
+    are used (SiDA noises its real samples with the same ones). ``weighting`` (:func:`diffdistill.objectives.common.
+    dsm_weight`): ``"eps"`` gives SiD-LSG's eps-MSE ``||eps_hat - eps||^2`` summed over elements.
     """
     x_g = x_g.detach()
     if sigma is None:
@@ -176,5 +212,5 @@ def fake_score_loss(
     keep = finite_samples(x_g, x0_fake)
     # (SiD Eq. 9) EDM-weighted denoising score matching on generator samples
     err = (keep_samples(x0_fake, keep) - keep_samples(x_g, keep)).pow(2).flatten(1).sum(1)
-    loss = edm_loss_weight(sigma, float(fake_score.sigma_data)) * err
+    loss = dsm_weight(sigma, float(fake_score.sigma_data), weighting) * err
     return loss, {"fake_dsm": float(loss.detach().mean()), "fake_dropped": float((~keep).sum())}

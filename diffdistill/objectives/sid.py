@@ -30,13 +30,18 @@ from torch import Tensor
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
+from diffdistill.objectives.common import check_weighting
 from diffdistill.objectives.score_identity import (
+    SIGMA_SAMPLINGS,
+    check_ddpm_range,
     check_num_steps,
+    ddpm_timestep_sigmas,
     fake_score_loss,
     finite_samples,
     generate,
     guidance_passes,
     keep_samples,
+    lognormal_sigmas,
     sanitize_gradient,
     score_forward,
     truncated_karras_sigmas,
@@ -91,7 +96,8 @@ class SiD(Objective):
         fake_score: trainable denoiser initialised from the teacher.
         alpha: the SiD weight (1.2; 0.5 = the Fisher-divergence gradient including the sampling path, 1 = with
             the sampling distribution held fixed; docs/invariants.md).
-        t_max: the largest noise level of the generator loss on the 1000-step Karras ramp (800 -> sigma <= 24.41).
+        t_max: the largest noise level of the generator loss on the 1000-step Karras ramp (800 -> sigma <= 24.41);
+            with ``sigma_sampling="ddpm"`` the exclusive upper DDPM timestep (SiD-LSG: 980).
         rho: the Karras ramp exponent.
         P_mean, P_std: the log-normal noise levels of the fake-score loss (EDM's -1.2, 1.2).
         real_guidance_scale: CFG of the teacher in the generator loss (LSG kappa_4; ``None`` = the teacher's own).
@@ -106,6 +112,12 @@ class SiD(Objective):
             ablation: only the direct path through ``x_g`` remains).
         checkpoint_scores: activation checkpointing of the teacher and fake-score forwards of the generator loss:
             their activations are recomputed in the backward (one more forward of each, less memory).
+        sigma_sampling: ``"karras"`` (SiD: the generator loss on the truncated Karras ramp, the fake loss log-normal)
+            or ``"ddpm"`` (SiD-LSG on SD: both losses at DDPM timesteps ``t ~ U{t_min..t_max - 1}`` of the teacher's
+            own schedule, ``--tmin 20 --tmax 980``; ``P_mean``, ``P_std`` and ``rho`` are then unused).
+        t_min: the smallest DDPM timestep of ``sigma_sampling="ddpm"`` (SiD-LSG: 20; unused with ``karras``).
+        fake_weighting: ``lambda(sigma)`` of the fake-score loss: ``"edm"`` (``1/sigma^2 + 1/sigma_d^2``, SiD),
+            ``"eps"`` (``1/sigma^2``: SiD-LSG's eps-MSE) or ``"none"``.
     """
 
     name = "sid"
@@ -136,8 +148,16 @@ class SiD(Objective):
         num_steps: int = 1,
         score_gradients: bool = True,
         checkpoint_scores: bool = False,
+        sigma_sampling: str = "karras",
+        t_min: int = 20,
+        fake_weighting: str = "edm",
     ):
-        if not 0.0 < t_max <= 1000.0:
+        if sigma_sampling not in SIGMA_SAMPLINGS:
+            raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {sigma_sampling!r}")
+        check_weighting("fake_weighting", fake_weighting)
+        self.ddpm = check_ddpm_range(teacher, t_min, t_max, self.name) if sigma_sampling == "ddpm" else None
+        self.sigma_sampling, self.t_min, self.fake_weighting = sigma_sampling, int(t_min), fake_weighting
+        if not 0.0 < t_max <= 1000.0 and self.ddpm is None:
             raise ValueError(f"t_max must lie in (0, 1000], got {t_max}")
         if not rho > 0:
             raise ValueError(f"rho must be > 0, got {rho}")
@@ -161,9 +181,18 @@ class SiD(Objective):
 
     # ------------------------------------------------------------------------------------------
     def sample_sigmas(self, n: int, device) -> Tensor:
+        """Noise levels of the generator loss: the truncated Karras ramp, or DDPM timesteps (``ddpm``)."""
+        if self.ddpm is not None:
+            return ddpm_timestep_sigmas(self.ddpm, n, self.t_min, int(self.t_max), device)
         return truncated_karras_sigmas(
             n, self.t_max, float(self.teacher.sigma_min), float(self.teacher.sigma_max), self.rho, device
         )
+
+    def fake_sigmas(self, n: int, device) -> Tensor:
+        """Noise levels of the fake-score loss (log-normal, or DDPM timesteps with ``sigma_sampling=ddpm``)."""
+        if self.ddpm is not None:
+            return ddpm_timestep_sigmas(self.ddpm, n, self.t_min, int(self.t_max), device)
+        return lognormal_sigmas(n, self.P_mean, self.P_std, device)
 
     def scores(self, x_t: Tensor, sigma: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """Teacher and fake-score predictions at ``x_t`` (with their LSG guidance scales)."""
@@ -206,7 +235,12 @@ class SiD(Objective):
         with torch.no_grad():  # fresh noise: SiD does not reuse the generator update's samples
             x_g, _ = generate(self.generator, batch, self.num_steps, grad=False)
         loss, logs = fake_score_loss(
-            self.fake_score, x_g, batch.cond, self.P_mean, self.P_std, self.fake_train_guidance_scale
+            self.fake_score,
+            x_g,
+            batch.cond,
+            guidance_scale=self.fake_train_guidance_scale,
+            sigma=self.fake_sigmas(x_g.shape[0], x_g.device),
+            weighting=self.fake_weighting,
         )
         return LossOutput(loss, logs)
 

@@ -45,12 +45,12 @@ from torch import Tensor, nn
 
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch, Conditioning
-from diffdistill.models.denoiser import edm_loss_weight
 from diffdistill.models.discriminator import Discriminator
 from diffdistill.objectives import gan
 from diffdistill.objectives.base import LossOutput, Paper, PassCount, UpdateSchedule, register_objective
+from diffdistill.objectives.common import dsm_weight
 from diffdistill.objectives.dmd2 import heads_spec
-from diffdistill.objectives.score_identity import fake_score_loss, finite_samples, generate, lognormal_sigmas
+from diffdistill.objectives.score_identity import fake_score_loss, finite_samples, generate
 from diffdistill.objectives.sid import SiD
 
 
@@ -132,6 +132,9 @@ class SiDA(SiD):
         num_steps: int = 1,
         score_gradients: bool = True,
         checkpoint_scores: bool = False,
+        sigma_sampling: str = "karras",
+        t_min: int = 20,
+        fake_weighting: str = "edm",
     ):
         super().__init__(
             teacher,
@@ -150,6 +153,9 @@ class SiDA(SiD):
             num_steps,
             score_gradients,
             checkpoint_scores,
+            sigma_sampling=sigma_sampling,
+            t_min=t_min,
+            fake_weighting=fake_weighting,
         )
         for key, w in (
             ("sid_weight", sid_weight),
@@ -215,10 +221,16 @@ class SiDA(SiD):
         with torch.no_grad():  # fresh noise, as in SiD
             x_g, _ = generate(self.generator, batch, self.num_steps, grad=False)
         n = x_g.shape[0]
-        sigma = lognormal_sigmas(n, self.P_mean, self.P_std, x_g.device)
+        sigma = self.fake_sigmas(n, x_g.device)
         noise = torch.randn_like(x_g)
         loss, logs = fake_score_loss(
-            self.fake_score, x_g, batch.cond, guidance_scale=self.fake_train_guidance_scale, sigma=sigma, noise=noise
+            self.fake_score,
+            x_g,
+            batch.cond,
+            guidance_scale=self.fake_train_guidance_scale,
+            sigma=sigma,
+            noise=noise,
+            weighting=self.fake_weighting,
         )
         # real and generated samples at the same sigma and noise, through the feature network as one batch
         s = append_dims(sigma, x_g.ndim)
@@ -232,7 +244,7 @@ class SiDA(SiD):
         # lambda(sigma) 1/2 [BCE(D(real), 1) + BCE(D(fake), 0)]
         d_loss = (
             0.5
-            * edm_loss_weight(sigma, float(self.fake_score.sigma_data))
+            * dsm_weight(sigma, float(self.fake_score.sigma_data), self.fake_weighting)
             * gan.discriminator_loss(l_real, l_fake, self.gan_loss)
         )
         d_loss = torch.where(keep, d_loss, torch.zeros_like(d_loss))

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from diffdistill.models.generator import FakeScore, Generator
+from diffdistill.models.generator import INPUT_NOISE, FakeScore, Generator
 from diffdistill.models.teacher import Teacher
 from diffdistill.objectives.base import OBJECTIVES, Objective
 from diffdistill.training.ema import copy_sharing_frozen
@@ -118,6 +118,12 @@ def check_student(student: DictConfig) -> None:
         ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in sig)
         if not ok:
             raise ValueError(f"student.sampling_sigmas must be null or a non-empty list of sigmas > 0, got {sig!r}")
+    noise = student.get("input_noise", "prior")
+    if noise not in INPUT_NOISE:
+        raise ValueError(
+            f"student.input_noise must be one of {list(INPUT_NOISE)} (prior: the denoiser's prior_std(sigma) z, unit "
+            f"noise in a VP/flow model's native space; sigma: sigma z, SiD-LSG's input), got {noise!r}"
+        )
     lora = student.get("lora")
     if lora is not None:
         known = {"rank", "alpha", "target_modules", "dropout", "share_base"}
@@ -270,6 +276,7 @@ def build_roles(
         roles["generator"] = Generator(den, sigma_init, sampling)
     else:
         roles["generator"] = Generator.from_teacher(teacher, sigma_init, sampling)
+    roles["generator"].input_noise = str(student.get("input_noise", "prior"))  # recorded in its config
     require_weights(roles["generator"], "student.denoiser", "student")
     context = {"teacher": teacher, **({"schedule": schedule} if schedule is not None else {}), **(hparams or {})}
     objective_cls.prepare_student(roles["generator"], **objective_cls.student_hparams(context))

@@ -201,6 +201,19 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     return state
 
 
+def load_role_weights(path: str | Path, verify: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """The role model folders of a checkpoint (or of a run's newest one) as ``role -> state dict``, without the
+    trainer state or EMA tracks: what a weights-only init (``trainer.init_from``) reads. Verified against the
+    manifest first."""
+    folder = resolve_checkpoint(path)
+    if verify:
+        verify_checkpoint(folder)
+    roles = {p.name: load_weights(p) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith("ema_")}
+    if not roles:
+        raise ValueError(f"checkpoint '{folder}' holds no role model folders (generator/, fake_score/, ...)")
+    return roles
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG's state as tensors and plain values (safe to load with ``weights_only=True``)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()

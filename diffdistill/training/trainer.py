@@ -62,6 +62,10 @@ from diffdistill.utils.images import figure_to_image, save_png, side_by_side_ima
 log = logging.getLogger("diffdistill")
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 class NonFiniteError(RuntimeError):
     """Raised after too many consecutive non-finite updates (the run is diverging, not glitching)."""
 
@@ -89,6 +93,10 @@ class TrainerConfig:
         keep_checkpoints: how many step checkpoints to keep (0 = all).
         resume: ``null`` (fresh run; refuses a folder that holds checkpoints), ``auto`` (latest in the
             run folder, or fresh) or a checkpoint path.
+        init_from: ``null``, or a checkpoint / run folder whose role weights start this run (a weights-only init,
+            DMD2's ``--ckpt_only_path``): every role of the checkpoint that this run builds is loaded (EMA tracks
+            start from the loaded generator), optimisers, schedulers, data position and step start fresh (step 0).
+            Ignored when the run resumes (``resume``): its own checkpoint holds everything.
         max_nonfinite_streak: consecutive skipped updates before the run stops with an error.
         num_threads: ``torch.set_num_threads`` (CPU).
         num_grid_samples: images in each sample grid (flat toy data: points of each scatter, at least 1000).
@@ -121,6 +129,7 @@ class TrainerConfig:
     eval_every: int = 0
     keep_checkpoints: int = 3
     resume: str | None = None
+    init_from: str | None = None
     max_nonfinite_streak: int = 20
     num_threads: int | None = None
     num_grid_samples: int = 32
@@ -457,6 +466,53 @@ class DistillTrainer:
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
 
+    def init_from_checkpoint(self, path: str | Path) -> dict[str, list[str]]:
+        """Start this run from the role weights of another run's checkpoint (``trainer.init_from``): each role of
+        the checkpoint that this run builds is loaded in place; optimisers, schedulers, data position and the step
+        stay fresh; EMA tracks restart from the loaded generator. Roles this run builds that the checkpoint lacks
+        keep their initialisation (e.g. DMD2 stage 2's discriminator over stage 1's generator and fake score).
+        Returns ``{"loaded", "fresh", "unused"}`` role names (also logged)."""
+        from diffdistill.models.io import resolve_checkpoint
+        from diffdistill.training.checkpoint import load_role_weights
+
+        if not Path(path).exists():
+            raise FileNotFoundError(f"trainer.init_from: checkpoint '{path}' does not exist")
+        folder = resolve_checkpoint(path)
+        weights = load_role_weights(folder)
+        ours = [k for k in self.roles if k != "teacher"]
+        loaded = [k for k in ours if k in weights]
+        if "generator" not in loaded:
+            raise ValueError(
+                f"trainer.init_from: checkpoint '{folder}' holds roles {sorted(weights)} but no 'generator'; this run "
+                f"builds {ours}: give a checkpoint of a distillation run (its checkpoints/step*/ folder or run folder)"
+            )
+        unwrap = self.accelerator.unwrap_model
+        for k in loaded:
+            module = unwrap(self.roles[k])
+            try:
+                module.load_state_dict(weights[k])
+            except RuntimeError as e:
+                missing = [n for n in module.state_dict() if n not in weights[k]][:3]
+                extra = [n for n in weights[k] if n not in module.state_dict()][:3]
+                raise ValueError(
+                    f"trainer.init_from: the '{k}' of checkpoint '{folder}' does not match this run's network (missing "
+                    f"{missing}, unexpected {extra}; {_one_line(e)[:200]}): init from a run of the same teacher and "
+                    "student (with or without LoRA adapters alike)"
+                ) from None
+        for decay in list(self.emas):  # tracks restart from the loaded generator
+            self.emas[decay] = EMA(unwrap(self.roles["generator"]), decay, warmup_steps=self.cfg.ema_warmup_steps)
+        fresh = [k for k in ours if k not in weights]
+        unused = sorted(k for k in weights if k not in self.roles)
+        log.info(
+            "initialised from %s (weights only, step 0, fresh optimisers): loaded %s; not in the checkpoint, kept "
+            "as built: %s; in the checkpoint, not used by this run: %s",
+            folder,
+            ", ".join(loaded),
+            ", ".join(fresh) or "none",
+            ", ".join(unused) or "none",
+        )
+        return {"loaded": loaded, "fresh": fresh, "unused": unused}
+
     @property
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
@@ -762,6 +818,10 @@ class DistillTrainer:
         resume = self._resume_path()
         if resume is None:
             seed_everything(self.cfg.seed)
+            if self.cfg.init_from:
+                self.init_from_checkpoint(self.cfg.init_from)
+        elif self.cfg.init_from:
+            log.info("trainer.init_from=%s ignored: resuming from %s", self.cfg.init_from, resume)
         logger = TrackerLogger(self.run_dir, self.accelerator, self.logger_config, self.run_config)
         last: dict[str, float] = {}
         try:

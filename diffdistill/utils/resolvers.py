@@ -43,8 +43,9 @@ def data_num_classes(node: DictConfig) -> int | None:
     return getattr(ds, "num_classes", None) if ds is not None else node.get("num_classes")
 
 
-def sd_sigmas(*timesteps: int) -> list[float]:
-    """EDM sigmas ``sqrt((1 - abar_t) / abar_t)`` of integer timesteps of SD's ``scaled_linear`` schedule."""
+def sd_sigmas(*timesteps: int) -> list[float] | float:
+    """EDM sigmas ``sqrt((1 - abar_t) / abar_t)`` of integer timesteps of SD's ``scaled_linear`` schedule: a list,
+    or one float for one timestep (``student.sigma_init: ${dd.sd_sigmas:625}``)."""
     from diffdistill.schedules.discrete import DDPMSchedule
 
     sched = DDPMSchedule.scaled_linear()
@@ -53,7 +54,7 @@ def sd_sigmas(*timesteps: int) -> list[float]:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < len(sched.sigmas):
             raise ValueError(f"dd.sd_sigmas takes integer timesteps in [0, {len(sched.sigmas) - 1}], got {t!r}")
         out.append(float(sched.sigmas[t]))
-    return out
+    return out[0] if len(out) == 1 else out
 
 
 def register_resolvers() -> None:

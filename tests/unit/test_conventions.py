@@ -165,5 +165,6 @@ def test_sd_schedule_and_timestep_resolver_match_diffusers_exactly():
         DDPMSchedule(ref.alphas_cumprod).sigma_to_t(torch.tensor(sigmas, dtype=torch.float64)),
         torch.tensor([999.0, 749.0, 499.0, 249.0]),
     )
+    assert sd_sigmas(999) == sigmas[0]  # one timestep: one float (student.sigma_init)
     with pytest.raises(ValueError, match="integer timesteps"):
         sd_sigmas(1000)
