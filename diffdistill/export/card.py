@@ -38,6 +38,7 @@ class CardInfo:
     flow_times: list[float] | None = None  # flow (SD3) exports: u = sigma / (1 + sigma) of the recipe
     flow_shift: float | None = None  # flow exports: the scheduler's time shift s (sigma -> s sigma)
     load_kwargs: dict[str, Any] | None = None  # flow exports: from_pretrained keywords (text_encoder_3=None, ...)
+    latents_scale: float | None = None  # SD exports of input_noise="sigma" students: latents = scale * unit noise
 
     @property
     def is_text_to_image(self) -> bool:
@@ -119,15 +120,23 @@ def _sd_snippet(info: CardInfo) -> str:
     if info.lora == "adapters":
         lines.append(f'pipe.load_lora_weights({loc}, subfolder="lora")  # the distilled LoRA (pipe.fuse_lora() merges)')
     prompt = json.dumps("a photo of a cat")
-    lines.append(
-        f"image = pipe({prompt}, {_kwargs(calls.get('one', {}))}, generator=torch.Generator().manual_seed(0))"
-        ".images[0]  # one step"
-    )
+    gen, latents = "generator=torch.Generator().manual_seed(0)", ""
+    if info.latents_scale is not None:
+        # the student starts from sigma_init z (student.input_noise=sigma); a call without latents feeds it unit noise
+        shape = tuple([1, *info.sample_shape])
+        lines += [
+            "g = torch.Generator().manual_seed(0)",
+            f"latents = {info.latents_scale:.8g} * torch.randn({shape}, generator=g)  # the student's input noise",
+        ]
+        gen, latents = "generator=g", "latents=latents, "
+    lines.append(f"image = pipe({prompt}, {latents}{_kwargs(calls.get('one', {}))}, {gen}).images[0]  # one step")
     if len(info.sampling_sigmas) > 1:
-        lines.append(
-            f"image = pipe({prompt}, {_kwargs(calls.get('all', {}))}, generator=torch.Generator().manual_seed(0))"
-            ".images[0]  # the recipe"
-        )
+        if info.latents_scale is not None:
+            lines += [
+                "g = torch.Generator().manual_seed(0)",
+                f"latents = {info.latents_scale:.8g} * torch.randn({shape}, generator=g)",
+            ]
+        lines.append(f"image = pipe({prompt}, {latents}{_kwargs(calls.get('all', {}))}, {gen}).images[0]  # the recipe")
     return "\n".join(lines)
 
 

@@ -364,6 +364,7 @@ def _own_pipeline(gen: Generator, gamma: float | None) -> DiffDistillPipeline:
         num_classes=gen.num_classes,
         null_class=bool(getattr(net, "null_class", True)),
         sample_shape=list(gen.sample_shape),
+        input_noise=getattr(gen, "input_noise", "prior"),
     )
     model.generator.denoiser.load_state_dict(gen.denoiser.state_dict())
     return DiffDistillPipeline(student=model.eval())
@@ -673,6 +674,7 @@ def _export_sd(
             evals=evals,
             timesteps=list(plan.timesteps),
             scheduler=plan.scheduler,
+            latents_scale=plan.latents_scale,
         )
         (tmp / "README.md").write_text(model_card(info))
         from diffdistill import __version__

@@ -53,6 +53,7 @@ class DiffDistillGeneratorModel(ModelMixin, ConfigMixin):
         num_classes: real classes of a class-conditional student (the null class is ``num_classes``).
         null_class: whether the network has the null-class embedding (unconditional calls).
         sample_shape: the shape of one sample.
+        input_noise: the student's input noise scale, ``prior`` or ``sigma`` (see ``Generator``).
     """
 
     config_name = "config.json"
@@ -68,11 +69,13 @@ class DiffDistillGeneratorModel(ModelMixin, ConfigMixin):
         num_classes: int | None = None,
         null_class: bool = True,
         sample_shape: list[int] | None = None,
+        input_noise: str = "prior",
     ) -> None:
         super().__init__()
         from diffdistill.models.io import build_from_config
 
-        self.generator = Generator(build_from_config(dict(denoiser_config)), sigma_init, sampling_sigmas, guidance)
+        den = build_from_config(dict(denoiser_config))
+        self.generator = Generator(den, sigma_init, sampling_sigmas, guidance, input_noise=input_noise)
 
     @property
     def unet(self) -> nn.Module | None:

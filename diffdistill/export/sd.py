@@ -6,7 +6,10 @@ with the student's UNet and an ``LCMScheduler`` (``TCDScheduler`` for TCD sampli
 ``timesteps``. Why that is exact, in the EDM view ``x = x_vp / alpha``, ``sigma = sqrt(1 - abar) / alpha``:
 
 * the pipeline starts from unit latents ``x_vp = z``; diffdistill's ``Generator.sample`` starts from
-  ``prior_std(sigma) z = sqrt(1 + sigma^2) z = z / alpha``, the same point;
+  ``prior_std(sigma) z = sqrt(1 + sigma^2) z = z / alpha``, the same point. A student with ``input_noise="sigma"``
+  (SiD-LSG) starts from ``sigma z``, i.e. ``x_vp = alpha sigma z = sqrt(1 - abar) z``: the pipeline reproduces it
+  when called with ``latents = sqrt(1 - abar_t0) z`` (``SDPlan.latents_scale``; the card shows the call, the
+  round-trip check makes it), and a plain call without ``latents`` feeds it unit noise it was not trained on;
 * ``LCMScheduler.step`` (diffusers ``scheduling_lcm.py``) returns ``denoised = c_skip x_vp + c_out x0_pred``, which
   is :class:`LCMBoundaryDenoiser`; for students without LCM's boundary (DMD, SiD, ...) ``c_skip`` is below
   ``3e-7`` at the timesteps such students sample (``t >= 200``), so the scheduler adds no visible change, and the
@@ -123,6 +126,7 @@ class SDPlan:
     reason: str = ""
     original_inference_steps: int | None = None
     warnings: list[str] = field(default_factory=list)
+    latents_scale: float | None = None  # input_noise="sigma": call with latents = latents_scale * randn (else unit)
 
     @property
     def pipeline_class(self) -> str:
@@ -233,6 +237,14 @@ def plan_sd(generator: Generator, base: str, gamma: float | None = None) -> SDPl
             "TCDScheduler samples with TCD's timestep rule (t_s = floor((1 - gamma) t_prev), output at t_s = 0), not "
             "diffdistill's sigma-space tcd_sample; the export reproduces the scheduler's rule "
             "(diffdistill.export.sd.tcd_scheduler_sample)"
+        )
+    if getattr(generator, "input_noise", "prior") == "sigma":
+        s0 = float(sigmas[0])
+        plan.latents_scale = s0 / math.sqrt(1.0 + s0**2)  # x_vp = alpha sigma z = sqrt(1 - abar_t0) z
+        plan.warnings.append(
+            f"the student starts from sigma_init z (student.input_noise=sigma): call the pipeline with latents = "
+            f"{plan.latents_scale:.6g} * torch.randn(...) (x_vp = sqrt(1 - abar_{timesteps[0]}) z); without latents "
+            "it is fed unit noise"
         )
     if boundary == "none" and gamma is None:
         c_skip = 0.25 / ((10.0 * min(timesteps)) ** 2 + 0.25)
@@ -421,10 +433,17 @@ def tcd_scheduler_sample(
 
 
 def pipeline_sample(pipe, prompts: list[str], plan: SDPlan, steps: int, seed: int) -> Tensor:
-    """The stock pipeline's latents for ``prompts`` (``output_type="latent"``), one seeded generator."""
+    """The stock pipeline's latents for ``prompts`` (``output_type="latent"``), one seeded generator; with
+    ``plan.latents_scale`` the unit latents are drawn from it first and passed scaled (``latents=``), so the
+    scheduler's later draws follow them as in a plain call."""
     g = torch.Generator().manual_seed(seed)
+    kw = plan.call_kwargs(steps)
+    if plan.latents_scale is not None:
+        size = pipe.unet.config.sample_size
+        shape = (len(prompts), pipe.unet.config.in_channels, size, size)
+        kw["latents"] = plan.latents_scale * torch.randn(shape, generator=g)
     with torch.no_grad():
-        return pipe(prompt=list(prompts), generator=g, output_type="latent", **plan.call_kwargs(steps)).images
+        return pipe(prompt=list(prompts), generator=g, output_type="latent", **kw).images
 
 
 def verify_sd(folder: Path, plan: SDPlan, ref: Generator, lora: Path | None, atol: float) -> dict[str, float]:

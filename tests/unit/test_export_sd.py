@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -204,3 +205,27 @@ def test_sd_student_exports_tcd(tmp_path, bases, teachers):
     with torch.no_grad():
         want = tcd_scheduler_sample(gen, z, Conditioning(prompt_embeds=enc.prompt_embeds), [999, 749, 499], 0.3, g)
     assert_same(_stock(pipe, seed=7, **res.call), want)
+
+
+def test_sigma_input_student_exports_with_scaled_latents(tmp_path):
+    """A student fed ``sigma_init z`` (``input_noise="sigma"``, SiD-LSG) is reproduced by the stock pipeline called
+    with ``latents = sqrt(1 - abar_t0) z``; the plan records that scale (the card shows the call)."""
+    import copy
+
+    from diffdistill.export.exporter import export_pipeline
+    from diffdistill.models import Generator
+    from diffdistill.models.adapters.sd import sd_teacher
+    from diffdistill.testing.tiny_t2i import tiny_sd_pipeline
+
+    base = tiny_sd_pipeline(tmp_path / "sd", kind="sd")
+    den = copy.deepcopy(sd_teacher(base).denoiser).requires_grad_(True)
+    sig = [float(den.schedule.sigmas[t]) for t in (625, 249)]
+    gen = Generator(den, sig[0], sig, input_noise="sigma")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    res = export_pipeline(gen, tmp_path / "out", metadata={"teacher": str(base), "objective": "sid"})
+    assert max(res.verified.values()) < 1e-4
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"latents = {math.sqrt(1 - 1 / (1 + sig[0] ** 2)):.8g} * torch.randn((1, 4, 8, 8)" in card
