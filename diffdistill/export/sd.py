@@ -144,16 +144,17 @@ class SDPlan:
 def resolve_base(base: str | Path | None, metadata: dict[str, Any]) -> str:
     """The teacher pipeline folder (or hub id): ``base``, else the teacher path the run metadata records (a local
     pipeline folder, or an ``org/name`` hub id)."""
+    from diffdistill.models.adapters.sd import packaged_pipeline
     from diffdistill.models.io import local_or_hub
 
     if base is not None:
-        path = local_or_hub(base)
+        path = local_or_hub(packaged_pipeline(base))
         if Path(path).exists() and not (Path(path) / "model_index.json").exists():
             raise ValueError(f"base '{base}' is not a diffusers pipeline folder (no model_index.json)")
         return str(path)
     teacher = metadata.get("teacher")
     if isinstance(teacher, str) and teacher:
-        local = Path(teacher).expanduser()
+        local = Path(packaged_pipeline(teacher)).expanduser()  # a packaged teacher's name: its folder
         if (local / "model_index.json").exists():
             return str(local)
         if not local.exists() and teacher.count("/") == 1 and not teacher.startswith((".", "/", "~")):

@@ -237,3 +237,16 @@ def test_eval_cli_decodes_and_prompts_a_text_to_image_student(tmp_path, t2i):
     sampler = doc["protocol"]["sampler"]
     assert sampler["prompts"] and sampler["latent_decoded"]
     assert doc["protocol"]["clip_score_prompts"] == ["a red cube", "blue sky", "a dog", "a cat"]
+
+
+def test_every_objective_has_a_fashion_mnist_t2i_recipe():
+    """``experiment=fashion_mnist_t2i/<objective>`` exists for every registered distillation objective (the teacher's
+    own training, ``edm``, is the packaged teacher's build) and composes on the packaged text-to-image teacher."""
+    from diffdistill.objectives import OBJECTIVES
+    from diffdistill.utils.paths import CONFIG_DIR
+
+    for name in sorted(set(OBJECTIVES) - {"edm"}):
+        assert (CONFIG_DIR / "experiment" / "fashion_mnist_t2i" / f"{name}.yaml").exists(), name
+        cfg = compose_train([f"experiment=fashion_mnist_t2i/{name}"])
+        assert cfg.backbone.path == "fashion_mnist_t2i" and cfg.data.prompts and cfg.export_pipeline, name
+        assert cfg.objective._target_.endswith(OBJECTIVES[name].__name__), name
