@@ -47,3 +47,17 @@ def state_equal(a, b) -> bool:
     if torch.is_tensor(a):
         return torch.equal(a, b)
     return a == b if isinstance(a, (int, float, str, bool)) else True
+
+
+def perturb(module, seed: int, only: str = ""):
+    """Add seeded ``0.05 N(0, 1)`` noise to every parameter whose name contains ``only`` (default: all, so the
+    zero-initialised LoRA B, guidance projections and output layers matter too; ``only="lora_"``: the adapters
+    only) and return the module in eval mode."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if only in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return module.eval()

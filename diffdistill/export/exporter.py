@@ -35,6 +35,8 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,10 +274,10 @@ def write_lora_adapter(denoiser: nn.Module, folder: Path) -> list[str]:
 
     root = lora_root(denoiser)
     inside = tuner_layers(root)
-    outside = set(tuner_layers(denoiser)) - {_name_in(denoiser, m) for m in inside.values()}
+    outside = lora_outside(denoiser, inside)
     if outside:
         raise ValueError(
-            f"LoRA adapters outside the {type(root).__name__} ({sorted(outside)[:3]}...) cannot be written as one "
+            f"LoRA adapters outside the {type(root).__name__} ({outside[:3]}...) cannot be written as one "
             "adapter: export with lora=fuse"
         )
     name, kwargs = lora_config_of(inside)
@@ -319,8 +321,27 @@ def lora_config_of(inside: dict[str, nn.Module]) -> tuple[str, dict[str, Any]]:
     }
 
 
-def _name_in(module: nn.Module, target: nn.Module) -> str:
-    return next(n for n, m in module.named_modules() if m is target)
+def lora_outside(denoiser: nn.Module, inside: dict[str, nn.Module]) -> list[str]:
+    """The names (in ``denoiser``) of its LoRA layers that are not among ``inside`` (one network's layers)."""
+    ids = {id(m) for m in inside.values()}
+    return sorted(n for n, m in tuner_layers(denoiser).items() if id(m) not in ids)
+
+
+def diffusers_lora_layers(inside: dict[str, nn.Module]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The one adapter of the layers ``inside`` as diffusers' ``save_lora_weights`` takes it: the state dict in
+    ``get_peft_model_state_dict``'s layout (adapter name dropped: ``"<layer>.lora_A.weight"``,
+    ``"<layer>.lora_B.weight"``) and the ``LoraConfig`` as adapter metadata."""
+    from peft import LoraConfig
+
+    name, cfg = lora_config_of(inside)
+    state = {
+        f"{k}.{n.replace(f'.{name}.', '.')}": p.detach().cpu().contiguous()
+        for k, layer in inside.items()
+        for n, p in layer.named_parameters()
+        if f".{name}." in f".{n}." and n.startswith("lora_")
+    }
+    meta = LoraConfig(**cfg).to_dict()
+    return state, {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
 
 
 # ---------------------------------------------------------------------------------------------- building the folder
@@ -410,16 +431,10 @@ def _pipeline_sample(pipe, kind: str, sigmas: list[float], labels: list[int] | N
 def _verify(folder: Path, plan: Plan, ref: Generator, gamma: float | None, adapter: Path | None) -> dict[str, float]:
     """Load the written folder like a user would and compare it with ``ref`` (max |difference| per recipe)."""
     from diffusers import ConsistencyModelPipeline
-    from diffusers.utils import logging as diffusers_logging
 
     cls = ConsistencyModelPipeline if plan.kind == "stock" else DiffDistillPipeline
-    bar = diffusers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()
-    try:
+    with quiet_diffusers(notes=False, progress_bar=True):
         pipe = cls.from_pretrained(str(folder))
-    finally:
-        if bar:
-            diffusers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     if adapter is not None:
         if plan.kind == "stock":
@@ -433,14 +448,38 @@ def _verify(folder: Path, plan: Plan, ref: Generator, gamma: float | None, adapt
     for name, sigmas in {"one_step": ref.sampling_sigmas[:1], "recipe": ref.sampling_sigmas}.items():
         want = reference_sample(ref, 2, 0, sigmas, labels, gamma)
         got = _pipeline_sample(pipe, plan.kind, sigmas, labels, plan.schedule, 0)
-        diff = float((got.float().cpu() - want.float()).abs().max())
-        if not math.isfinite(diff) or diff > VERIFY_ATOL:
-            raise ValueError(
-                f"the exported {plan.kind} pipeline does not reproduce the student ({name}: max |difference| "
-                f"{diff:.3g} > {VERIFY_ATOL}); nothing was written"
-            )
-        out[name] = diff
+        out[name] = check_close(got, want, VERIFY_ATOL, f"{plan.kind} pipeline", name)
     return out
+
+
+def check_close(got: Tensor, want: Tensor, atol: float, what: str, name: str) -> float:
+    """``max |got - want|``, or an error naming the exported ``what`` and the recipe ``name`` above ``atol``."""
+    diff = float((got.float().cpu() - want.float().cpu()).abs().max())
+    if not math.isfinite(diff) or diff > atol:
+        raise ValueError(
+            f"the exported {what} does not reproduce the student ({name}: max |difference| {diff:.3g} > {atol}); "
+            "nothing was written"
+        )
+    return diff
+
+
+@contextmanager
+def quiet_diffusers(notes: bool = True, progress_bar: bool = False) -> Iterator[None]:
+    """Silence diffusers' notes (verbosity ``error``) and/or its progress bars inside the block, restoring both."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level, bar = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
+    if notes:
+        diffusers_logging.set_verbosity_error()
+    if progress_bar:
+        diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if notes:
+            diffusers_logging.set_verbosity(level)
+        if progress_bar and bar:
+            diffusers_logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -476,6 +515,156 @@ def _publish(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+# ---------------------------------------------------------------------------------------------- export steps
+def working_copies(generator: Generator, verify: bool) -> tuple[Generator, Generator | None]:
+    """The copy the export works on (CPU, eval) and, with ``verify``, what the written folder must reproduce (a
+    second copy, LoRA still unmerged)."""
+    gen = copy.deepcopy(generator).cpu().eval()
+    return gen, (copy.deepcopy(gen) if verify else None)
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out``, renamed into place when the block ends and removed if it raises."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        yield tmp
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def apply_lora(gen: Generator, lora: str, tmp: Path, write_adapter: Callable[[Path], Any]) -> Path | None:
+    """A LoRA student's adapters: ``lora="adapters"`` writes them into ``<tmp>/lora`` (``write_adapter(folder)``)
+    and strips them from ``gen``; ``"fuse"`` merges them. Returns the adapter folder (``None``: none written)."""
+    from diffdistill.models.lora import has_lora
+
+    if not has_lora(gen.denoiser):
+        return None
+    if lora == "adapters":
+        folder = tmp / LORA_FOLDER
+        write_adapter(folder)
+        _strip_unmerged(gen.denoiser)
+        return folder
+    fuse_lora(gen.denoiser)
+    return None
+
+
+def save_pipeline(pipe, folder: Path) -> None:
+    """``pipe.save_pretrained(folder)`` without diffusers' deprecation notes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe.save_pretrained(str(folder))
+
+
+def card_info(gen: Generator, out: Path, repo_id: str | None, evals: list, **fields: Any) -> CardInfo:
+    """The model card's facts: the student's recipe and where the folder lives, ``fields`` added or overriding."""
+    common: dict[str, Any] = {
+        "location": repo_id or str(out),
+        "sampling_sigmas": list(gen.sampling_sigmas),
+        "sigma_init": gen.sigma_init,
+        "sample_shape": list(gen.sample_shape),
+        "evals": evals,
+    }
+    return CardInfo(**{**common, **fields})
+
+
+def write_card_and_record(
+    tmp: Path,
+    info: CardInfo,
+    *,
+    source: str | None,
+    pipeline: str,
+    recipe: dict[str, Any],
+    adapter_dir: Path | None,
+    verified: dict[str, float],
+    metadata: dict[str, Any],
+    base: str | None = None,
+    lora_format: str | None = None,
+) -> None:
+    """Write ``README.md`` (the model card of ``info``) and ``diffdistill.json`` (what was exported and how;
+    ``base`` and ``lora_format`` are recorded where given: the exports into a teacher's pipeline)."""
+    from diffdistill import __version__
+
+    (tmp / "README.md").write_text(model_card(info))
+    record: dict[str, Any] = {"format": EXPORT_FORMAT, "diffdistill_version": __version__, "source": source}
+    if base is not None:
+        record["base"] = base
+    record |= {
+        "pipeline": pipeline,
+        "pipeline_class": info.pipeline_class,
+        "reason": info.reason,
+        "recipe": recipe,
+        "lora": info.lora,
+        "lora_folder": LORA_FOLDER if adapter_dir is not None else None,
+    }
+    if lora_format is not None:
+        record["lora_format"] = lora_format if adapter_dir is not None else None
+    record |= {"verified_max_abs_diff": verified, "source_metadata": metadata}
+    (tmp / META_NAME).write_text(json.dumps(record, indent=2, default=str))
+
+
+def start_into_base(generator: Generator, verify: bool, plan_of: Callable[[Generator], Any]):
+    """The first steps of an export into the teacher's stock text-to-image pipeline: the working copies, the plan
+    (``plan_of(gen)``, an ``SDPlan`` / ``FlowPlan``: its warnings logged) and whether the student has LoRA."""
+    from diffdistill.models.lora import has_lora
+
+    gen, ref = working_copies(generator, verify)
+    plan = plan_of(gen)
+    for w in plan.warnings:
+        log.warning("export: %s", w)
+    return gen, ref, plan, has_lora(gen.denoiser)
+
+
+def finish_into_base(
+    tmp: Path,
+    gen: Generator,
+    out: Path,
+    plan: Any,
+    recipe: dict[str, Any],
+    *,
+    verified: dict[str, float],
+    evals: list,
+    source: str | None,
+    repo_id: str | None,
+    lora: str | None,
+    adapter_dir: Path | None,
+    metadata: dict[str, Any],
+    **card_fields: Any,
+) -> ExportResult:
+    """The last steps of an export into the teacher's stock pipeline (``plan``: an ``SDPlan`` / ``FlowPlan``, with
+    ``base``, ``reason``, ``pipeline_class`` and ``call_kwargs``): the card (``card_fields`` added), the record
+    (``lora``: the LoRA mode of a LoRA student, else ``None``) and the result."""
+    info = card_info(
+        gen,
+        out,
+        repo_id,
+        evals,
+        pipeline_class=plan.pipeline_class,
+        reason=plan.reason,
+        stock_calls={"one": plan.call_kwargs(1), "all": plan.call_kwargs()},
+        lora=lora,
+        metadata={**metadata, "base": plan.base},
+        **card_fields,
+    )
+    write_card_and_record(
+        tmp,
+        info,
+        source=source,
+        pipeline="stock",
+        recipe=recipe,
+        adapter_dir=adapter_dir,
+        verified=verified,
+        metadata=metadata,
+        base=plan.base,
+        lora_format="diffusers",
+    )
+    return ExportResult(out, "stock", plan.reason, plan.pipeline_class, plan.call_kwargs(), verified)
+
+
+# ---------------------------------------------------------------------------------------------- export
 def export_pipeline(
     generator: Generator,
     out: str | Path,
@@ -524,19 +713,10 @@ def export_pipeline(
         return _export_sd(generator, out, meta, gamma, pipeline, lora, eval_results, source, repo_id, verify, base)
     if is_flow_student(generator):
         return export_flow(generator, out, meta, gamma, pipeline, lora, eval_results, source, repo_id, verify, base)
-    gen = copy.deepcopy(generator).cpu().eval()
-    ref = copy.deepcopy(gen) if verify else None  # what the written folder must reproduce (LoRA still unmerged)
+    gen, ref = working_copies(generator, verify)
     lora_used = has_lora(gen.denoiser)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
-        adapter_dir = None
-        if lora_used and lora == "adapters":
-            adapter_dir = tmp / LORA_FOLDER
-            write_lora_adapter(gen.denoiser, adapter_dir)
-            _strip_unmerged(gen.denoiser)
-        elif lora_used:
-            fuse_lora(gen.denoiser)
+    with staged_folder(out) as tmp:
+        adapter_dir = apply_lora(gen, lora, tmp, lambda folder: write_lora_adapter(gen.denoiser, folder))
         plan = choose_pipeline(gen, gamma, pipeline)
         recipe = {
             "sigma_init": gen.sigma_init,
@@ -549,52 +729,38 @@ def export_pipeline(
             pipe = _stock_pipeline(gen, plan.schedule, recipe)
         else:
             pipe = _own_pipeline(gen, gamma)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            pipe.save_pretrained(str(tmp))
+        save_pipeline(pipe, tmp)
         evals = _copy_evals(eval_results or [], tmp / "eval")
         verified = _verify(tmp, plan, ref, gamma, adapter_dir) if verify else {}
         result = ExportResult(out, plan.kind, plan.reason, type(pipe).__name__, recipe.get("call", {}), verified)
         sched = plan.schedule
-        info = CardInfo(
-            location=repo_id or str(out),
+        info = card_info(
+            gen,
+            out,
+            repo_id,
+            evals,
             pipeline_class=result.pipeline_class,
             reason=plan.reason,
-            sampling_sigmas=list(gen.sampling_sigmas),
-            sigma_init=gen.sigma_init,
             gamma=gamma,
             guidance=gen.guidance,
             guidance_embedded=has_guidance_embedding(gen.denoiser),
             num_classes=gen.num_classes,
-            sample_shape=list(gen.sample_shape),
             stock_calls=None if sched is None else {"one": sched.call_kwargs(1), "all": sched.call_kwargs()},
             lora=lora if lora_used else None,
             metadata=meta,
-            evals=evals,
             schedule_rho=None if sched is None else sched.rho,
             num_train_timesteps=None if sched is None else sched.num_train_timesteps,
         )
-        (tmp / "README.md").write_text(model_card(info))
-        from diffdistill import __version__
-
-        export_meta = {
-            "format": EXPORT_FORMAT,
-            "diffdistill_version": __version__,
-            "source": source,
-            "pipeline": plan.kind,
-            "pipeline_class": result.pipeline_class,
-            "reason": plan.reason,
-            "recipe": recipe,
-            "lora": info.lora,
-            "lora_folder": LORA_FOLDER if adapter_dir is not None else None,
-            "verified_max_abs_diff": verified,
-            "source_metadata": meta,
-        }
-        (tmp / META_NAME).write_text(json.dumps(export_meta, indent=2, default=str))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_card_and_record(
+            tmp,
+            info,
+            source=source,
+            pipeline=plan.kind,
+            recipe=recipe,
+            adapter_dir=adapter_dir,
+            verified=verified,
+            metadata=meta,
+        )
     return result
 
 
@@ -613,34 +779,21 @@ def _export_sd(
 ) -> ExportResult:
     """An SD-family student as the stock ``StableDiffusion(XL)Pipeline`` (:mod:`diffdistill.export.sd`)."""
     from diffdistill.export.sd import build_sd_pipeline, plan_sd, resolve_base, verify_sd, write_sd_lora
-    from diffdistill.models.lora import has_lora
 
     if pipeline == "diffdistill":
         raise ValueError(
             "DiffDistillPipeline takes no prompts: an SD-family student exports as the stock StableDiffusion(XL)"
             "Pipeline (pipeline=auto)"
         )
-    gen = copy.deepcopy(generator).cpu().eval()
-    ref = copy.deepcopy(gen) if verify else None
-    plan = plan_sd(gen, resolve_base(base, meta), gamma)
-    for w in plan.warnings:
-        log.warning("export: %s", w)
-    lora_used = has_lora(gen.denoiser)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
-        adapter_dir = None
-        if lora_used and lora == "adapters":
-            adapter_dir = tmp / LORA_FOLDER
-            write_sd_lora(gen, adapter_dir, plan.pipeline_class)
-            _strip_unmerged(gen.denoiser)
-            if has_guidance_embedding(gen.denoiser):
-                log.warning(
-                    "export: the student's guidance embedding (UNet time_cond_proj_dim, time_embedding.cond_proj) is "
-                    "not part of lora/: apply the LoRA to this folder's UNet, not to the teacher's"
-                )
-        elif lora_used:
-            fuse_lora(gen.denoiser)
+    base = resolve_base(base, meta)
+    gen, ref, plan, lora_used = start_into_base(generator, verify, lambda g: plan_sd(g, base, gamma))
+    with staged_folder(out) as tmp:
+        adapter_dir = apply_lora(gen, lora, tmp, lambda folder: write_sd_lora(gen, folder, plan.pipeline_class))
+        if adapter_dir is not None and has_guidance_embedding(gen.denoiser):
+            log.warning(
+                "export: the student's guidance embedding (UNet time_cond_proj_dim, time_embedding.cond_proj) is "
+                "not part of lora/: apply the LoRA to this folder's UNet, not to the teacher's"
+            )
         recipe = {
             "sigma_init": gen.sigma_init,
             "sampling_sigmas": list(gen.sampling_sigmas),
@@ -651,54 +804,29 @@ def _export_sd(
             "scheduler": plan.scheduler,
             "call": plan.call_kwargs(),
         }
-        pipe = build_sd_pipeline(gen, plan, recipe)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            pipe.save_pretrained(str(tmp))
+        save_pipeline(build_sd_pipeline(gen, plan, recipe), tmp)
         evals = _copy_evals(eval_results or [], tmp / "eval")
         verified = verify_sd(tmp, plan, ref, adapter_dir, VERIFY_ATOL) if verify else {}
-        result = ExportResult(out, "stock", plan.reason, plan.pipeline_class, plan.call_kwargs(), verified)
-        info = CardInfo(
-            location=repo_id or str(out),
-            pipeline_class=plan.pipeline_class,
-            reason=plan.reason,
-            sampling_sigmas=list(gen.sampling_sigmas),
-            sigma_init=gen.sigma_init,
+        result = finish_into_base(
+            tmp,
+            gen,
+            out,
+            plan,
+            recipe,
+            verified=verified,
+            evals=evals,
+            source=source,
+            repo_id=repo_id,
+            lora=lora if lora_used else None,
+            adapter_dir=adapter_dir,
+            metadata=meta,
             gamma=gamma,
             guidance=gen.guidance,
             guidance_embedded=has_guidance_embedding(gen.denoiser),
-            sample_shape=list(gen.sample_shape),
-            stock_calls={"one": plan.call_kwargs(1), "all": plan.call_kwargs()},
-            lora=lora if lora_used else None,
-            metadata={**meta, "base": plan.base},
-            evals=evals,
             timesteps=list(plan.timesteps),
             scheduler=plan.scheduler,
             latents_scale=plan.latents_scale,
         )
-        (tmp / "README.md").write_text(model_card(info))
-        from diffdistill import __version__
-
-        export_meta = {
-            "format": EXPORT_FORMAT,
-            "diffdistill_version": __version__,
-            "source": source,
-            "base": plan.base,
-            "pipeline": "stock",
-            "pipeline_class": plan.pipeline_class,
-            "reason": plan.reason,
-            "recipe": recipe,
-            "lora": info.lora,
-            "lora_folder": LORA_FOLDER if adapter_dir is not None else None,
-            "lora_format": "diffusers" if adapter_dir is not None else None,
-            "verified_max_abs_diff": verified,
-            "source_metadata": meta,
-        }
-        (tmp / META_NAME).write_text(json.dumps(export_meta, indent=2, default=str))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 

@@ -30,8 +30,6 @@ call) is written into ``diffdistill.json``, the scheduler config (``_diffdistill
 
 from __future__ import annotations
 
-import copy
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,47 +228,27 @@ def flow_scheduler(adapter: nn.Module, recipe: dict[str, Any]):
 
 def student_transformer(generator: Generator) -> nn.Module:
     """A plain copy of the student's ``SD3Transformer2DModel`` (LoRA adapters already merged or stripped)."""
-    from diffdistill.models.lora import has_lora
+    from diffdistill.export.sd import plain_copy
 
-    transformer = copy.deepcopy(flow_adapter(generator.denoiser).transformer)
-    if has_lora(transformer):
-        raise ValueError("the student's transformer still carries LoRA layers: fuse or strip them first")
-    return transformer.eval()
+    return plain_copy(flow_adapter(generator.denoiser).transformer, "transformer")
 
 
 def check_transformer(transformer: nn.Module, base_config: dict[str, Any]) -> None:
     """The student's transformer must fit the teacher pipeline's VAE and text encoders."""
+    from diffdistill.export.sd import check_interface
 
-    def norm(v):
-        return list(v) if isinstance(v, tuple) else v
-
-    diff = {
-        k: (transformer.config.get(k), base_config.get(k))
-        for k in INTERFACE_KEYS
-        if norm(transformer.config.get(k)) != norm(base_config.get(k))
-    }
-    if diff:
-        raise ValueError(
-            f"the student's transformer does not fit the base pipeline (student vs base: {diff}); is base the teacher?"
-        )
+    check_interface(dict(transformer.config), base_config, INTERFACE_KEYS, "transformer")
 
 
 def load_flow_pipeline(path: str | Path, load_kwargs: dict[str, Any]):
     """``StableDiffusion3Pipeline.from_pretrained`` without progress bars and notes."""
     from diffusers import StableDiffusion3Pipeline
-    from diffusers.utils import logging as diffusers_logging
 
-    level, bar = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pipe = StableDiffusion3Pipeline.from_pretrained(str(path), **load_kwargs)
-    finally:
-        diffusers_logging.set_verbosity(level)
-        if bar:
-            diffusers_logging.enable_progress_bar()
+    from diffdistill.export.exporter import quiet_diffusers
+
+    with quiet_diffusers(progress_bar=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), **load_kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -289,16 +267,10 @@ def build_flow_pipeline(generator: Generator, plan: FlowPlan, recipe: dict[str, 
 
 
 def save_flow_pipeline(pipe, folder: Path) -> None:
-    from diffusers.utils import logging as diffusers_logging
+    from diffdistill.export.exporter import quiet_diffusers, save_pipeline
 
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # "text_encoder_3=None ... cannot be saved"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            pipe.save_pretrained(str(folder))
-    finally:
-        diffusers_logging.set_verbosity(level)
+    with quiet_diffusers():  # "text_encoder_3=None ... cannot be saved"
+        save_pipeline(pipe, folder)
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
@@ -308,30 +280,19 @@ def write_flow_lora(generator: Generator, folder: Path) -> list[str]:
     ``StableDiffusion3Pipeline.load_lora_weights(folder)`` reads (``SD3LoraLoaderMixin.save_lora_weights``).
     Returns the adapted module names (relative to the transformer)."""
     from diffusers import StableDiffusion3Pipeline
-    from peft import LoraConfig
 
-    from diffdistill.export.exporter import lora_config_of
+    from diffdistill.export.exporter import diffusers_lora_layers, lora_outside
     from diffdistill.models.lora import tuner_layers
 
     transformer = flow_adapter(generator.denoiser).transformer
     inside = tuner_layers(transformer)
-    ids = {id(m) for m in inside.values()}
-    outside = [n for n, m in tuner_layers(generator.denoiser).items() if id(m) not in ids]
+    outside = lora_outside(generator.denoiser, inside)
     if outside:
         raise ValueError(
-            f"LoRA adapters outside the transformer ({sorted(outside)[:3]}...) cannot go into a transformer LoRA: "
+            f"LoRA adapters outside the transformer ({outside[:3]}...) cannot go into a transformer LoRA: "
             "export with lora=fuse"
         )
-    name, cfg = lora_config_of(inside)
-    # get_peft_model_state_dict's layout (adapter name dropped): "<layer>.lora_A.weight", "<layer>.lora_B.weight"
-    state = {
-        f"{k}.{n.replace(f'.{name}.', '.')}": p.detach().cpu().contiguous()
-        for k, layer in inside.items()
-        for n, p in layer.named_parameters()
-        if f".{name}." in f".{n}." and n.startswith("lora_")
-    }
-    meta = LoraConfig(**cfg).to_dict()
-    meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+    state, meta = diffusers_lora_layers(inside)
     folder.mkdir(parents=True, exist_ok=True)
     StableDiffusion3Pipeline.save_lora_weights(
         str(folder), transformer_lora_layers=state, transformer_lora_adapter_metadata=meta, weight_name=LORA_WEIGHTS
@@ -379,28 +340,18 @@ def pipeline_flow_sample(pipe, prompts: list[str], plan: FlowPlan, steps: int, s
 
 def verify_flow(folder: Path, plan: FlowPlan, ref: Generator, lora: Path | None, atol: float) -> dict[str, float]:
     """Load the written folder as a user would and compare it with diffdistill's sampler (max |difference|)."""
-    from diffusers.utils import logging as diffusers_logging
+    from diffdistill.export.exporter import check_close, quiet_diffusers
 
     pipe = load_flow_pipeline(folder, plan.load_kwargs)
     if lora is not None:
-        level = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # "no LoRA keys associated to CLIPTextModelWithProjection"
-        try:
+        with quiet_diffusers():  # "no LoRA keys associated to CLIPTextModelWithProjection"
             pipe.load_lora_weights(str(lora))
-        finally:
-            diffusers_logging.set_verbosity(level)
     cond = flow_conditioning(pipe, VERIFY_PROMPTS)
     out = {}
     for name, n in {"one_step": 1, "recipe": len(plan.sigmas)}.items():
         want = reference_flow_sample(ref, cond, 0, plan.sigmas[:n])
         got = pipeline_flow_sample(pipe, VERIFY_PROMPTS, plan, n, 0)
-        diff = float((got.float() - want.float()).abs().max())
-        if not math.isfinite(diff) or diff > atol:
-            raise ValueError(
-                f"the exported {FLOW_PIPELINE} does not reproduce the student ({name}: max |difference| {diff:.3g} > "
-                f"{atol}); nothing was written"
-            )
-        out[name] = diff
+        out[name] = check_close(got, want, atol, FLOW_PIPELINE, name)
     return out
 
 
@@ -420,45 +371,20 @@ def export_flow(
 ):
     """A flow (SD3) student as the stock ``StableDiffusion3Pipeline`` (see the module docstring); the arguments are
     :func:`~diffdistill.export.exporter.export_pipeline`'s. Returns its ``ExportResult``."""
-    import json
-    import logging
-    import shutil
-    import tempfile
-
-    from diffdistill import __version__
-    from diffdistill.export.card import CardInfo, model_card
     from diffdistill.export.exporter import (
-        EXPORT_FORMAT,
-        LORA_FOLDER,
-        META_NAME,
         VERIFY_ATOL,
-        ExportResult,
         _copy_evals,
-        _publish,
-        _strip_unmerged,
-        fuse_lora,
+        apply_lora,
+        finish_into_base,
+        staged_folder,
+        start_into_base,
     )
-    from diffdistill.models.lora import has_lora
 
-    log = logging.getLogger("diffdistill")
     if pipeline == "diffdistill":
         raise ValueError(f"DiffDistillPipeline takes no prompts: a flow (SD3) student exports as {FLOW_PIPELINE}")
-    gen = copy.deepcopy(generator).cpu().eval()
-    ref = copy.deepcopy(gen) if verify else None
-    plan = plan_flow(gen, flow_base(base, meta), gamma)
-    for w in plan.warnings:
-        log.warning("export: %s", w)
-    lora_used = has_lora(gen.denoiser)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
-        adapter_dir = None
-        if lora_used and lora == "adapters":
-            adapter_dir = tmp / LORA_FOLDER
-            write_flow_lora(gen, adapter_dir)
-            _strip_unmerged(gen.denoiser)
-        elif lora_used:
-            fuse_lora(gen.denoiser)
+    gen, ref, plan, lora_used = start_into_base(generator, verify, lambda g: plan_flow(g, flow_base(base, meta), gamma))
+    with staged_folder(out) as tmp:
+        adapter_dir = apply_lora(gen, lora, tmp, lambda folder: write_flow_lora(gen, folder))
         recipe = {
             "sigma_init": gen.sigma_init,
             "sampling_sigmas": list(plan.sigmas),
@@ -476,42 +402,23 @@ def export_flow(
         save_flow_pipeline(build_flow_pipeline(gen, plan, recipe), tmp)
         evals = _copy_evals(eval_results or [], tmp / "eval")
         verified = verify_flow(tmp, plan, ref, adapter_dir, VERIFY_ATOL) if verify else {}
-        result = ExportResult(out, "stock", plan.reason, FLOW_PIPELINE, plan.call_kwargs(), verified)
-        info = CardInfo(
-            location=repo_id or str(out),
-            pipeline_class=FLOW_PIPELINE,
-            reason=plan.reason,
-            sampling_sigmas=list(plan.sigmas),
-            sigma_init=gen.sigma_init,
-            sample_shape=list(gen.sample_shape),
-            stock_calls={"one": plan.call_kwargs(1), "all": plan.call_kwargs()},
-            lora=lora if lora_used else None,
-            metadata={**meta, "base": plan.base},
+        result = finish_into_base(
+            tmp,
+            gen,
+            out,
+            plan,
+            recipe,
+            verified=verified,
             evals=evals,
+            source=source,
+            repo_id=repo_id,
+            lora=lora if lora_used else None,
+            adapter_dir=adapter_dir,
+            metadata=meta,
+            sampling_sigmas=list(plan.sigmas),
             scheduler=FLOW_SCHEDULER,
             flow_times=plan.flow_times,
             flow_shift=plan.shift,
             load_kwargs=plan.load_kwargs,
         )
-        (tmp / "README.md").write_text(model_card(info))
-        export_meta = {
-            "format": EXPORT_FORMAT,
-            "diffdistill_version": __version__,
-            "source": source,
-            "base": plan.base,
-            "pipeline": "stock",
-            "pipeline_class": FLOW_PIPELINE,
-            "reason": plan.reason,
-            "recipe": recipe,
-            "lora": info.lora,
-            "lora_folder": LORA_FOLDER if adapter_dir is not None else None,
-            "lora_format": "diffusers" if adapter_dir is not None else None,
-            "verified_max_abs_diff": verified,
-            "source_metadata": meta,
-        }
-        (tmp / META_NAME).write_text(json.dumps(export_meta, indent=2, default=str))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result

@@ -285,24 +285,32 @@ def _scheduler(plan: SDPlan, base_config: dict[str, Any], adapter: nn.Module, re
 
 def student_unet(generator: Generator) -> nn.Module:
     """A plain copy of the student's ``UNet2DConditionModel`` (LoRA adapters already merged or stripped)."""
-    unet = copy.deepcopy(sd_adapter(generator.denoiser).unet)
+    return plain_copy(sd_adapter(generator.denoiser).unet, "UNet")
+
+
+def plain_copy(network: nn.Module, what: str) -> nn.Module:
+    """A copy of the student's ``network`` (``what``: its name in the error) in eval mode; it must carry no LoRA
+    layers (merge or strip them first)."""
     from diffdistill.models.lora import has_lora
 
-    if has_lora(unet):
-        raise ValueError("the student's UNet still carries LoRA layers: fuse or strip them first")
-    return unet.eval()
+    network = copy.deepcopy(network)
+    if has_lora(network):
+        raise ValueError(f"the student's {what} still carries LoRA layers: fuse or strip them first")
+    return network.eval()
 
 
 def check_unet(unet: nn.Module, base_unet_config: dict[str, Any]) -> None:
     """The student's UNet must fit the teacher pipeline's VAE and text encoders."""
-    diff = {
-        k: (unet.config.get(k), base_unet_config.get(k))
-        for k in INTERFACE_KEYS
-        if _norm(unet.config.get(k)) != _norm(base_unet_config.get(k))
-    }
+    check_interface(dict(unet.config), base_unet_config, INTERFACE_KEYS, "UNet")
+
+
+def check_interface(config: dict[str, Any], base_config: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
+    """The student's network config (``what``: its name in the error) agrees with the base pipeline's on ``keys``
+    (the entries the base's VAE and text encoders fix; tuples and lists compare alike)."""
+    diff = {k: (config.get(k), base_config.get(k)) for k in keys if _norm(config.get(k)) != _norm(base_config.get(k))}
     if diff:
         raise ValueError(
-            f"the student's UNet does not fit the base pipeline (student vs base: {diff}); is base the teacher?"
+            f"the student's {what} does not fit the base pipeline (student vs base: {diff}); is base the teacher?"
         )
 
 
@@ -336,39 +344,20 @@ def write_sd_lora(generator: Generator, folder: Path, pipeline_class: str) -> li
     (``StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))``).
     Returns the adapted module names (relative to the UNet)."""
     import diffusers
-    from peft import LoraConfig
 
-    from diffdistill.export.exporter import lora_config_of
+    from diffdistill.export.exporter import diffusers_lora_layers, lora_outside
     from diffdistill.models.lora import tuner_layers
 
-    adapter = sd_adapter(generator.denoiser)
-    unet = adapter.unet
-    inside = tuner_layers(unet)
-    outside = set(tuner_layers(generator.denoiser)) - {
-        n for n, m in generator.denoiser.named_modules() if any(m is v for v in inside.values())
-    }
+    inside = tuner_layers(sd_adapter(generator.denoiser).unet)
+    outside = lora_outside(generator.denoiser, inside)
     if outside:
         raise ValueError(
-            f"LoRA adapters outside the UNet ({sorted(outside)[:3]}...) cannot go into a UNet LoRA: export with "
-            "lora=fuse"
+            f"LoRA adapters outside the UNet ({outside[:3]}...) cannot go into a UNet LoRA: export with lora=fuse"
         )
-    name, cfg = lora_config_of(inside)
-    # get_peft_model_state_dict's layout (adapter name dropped): "<layer>.lora_A.weight", "<layer>.lora_B.weight"
-    state = {
-        f"{k}.{n.replace(f'.{name}.', '.')}": p
-        for k, layer in inside.items()
-        for n, p in layer.named_parameters()
-        if f".{name}." in f".{n}." and n.startswith("lora_")
-    }
-    meta = LoraConfig(**cfg).to_dict()
-    meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-    cls = getattr(diffusers, pipeline_class)
+    state, meta = diffusers_lora_layers(inside)
     folder.mkdir(parents=True, exist_ok=True)
-    cls.save_lora_weights(
-        str(folder),
-        unet_lora_layers={k: v.detach().cpu().contiguous() for k, v in state.items()},
-        unet_lora_adapter_metadata=meta,
-        weight_name=LORA_WEIGHTS,
+    getattr(diffusers, pipeline_class).save_lora_weights(
+        str(folder), unet_lora_layers=state, unet_lora_adapter_metadata=meta, weight_name=LORA_WEIGHTS
     )
     return sorted(inside)
 
@@ -450,12 +439,11 @@ def pipeline_sample(pipe, prompts: list[str], plan: SDPlan, steps: int, seed: in
 def verify_sd(folder: Path, plan: SDPlan, ref: Generator, lora: Path | None, atol: float) -> dict[str, float]:
     """Load the written folder as a user would and compare it with diffdistill's sampler (max |difference|)."""
     import diffusers
-    from diffusers.utils import logging as diffusers_logging
+
+    from diffdistill.export.exporter import check_close, quiet_diffusers
 
     cls = getattr(diffusers, plan.pipeline_class)
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # the scheduler's notes on custom timesteps
-    try:
+    with quiet_diffusers():  # the scheduler's notes on custom timesteps
         pipe = cls.from_pretrained(str(folder))
         pipe.set_progress_bar_config(disable=True)
         if lora is not None:
@@ -472,13 +460,5 @@ def verify_sd(folder: Path, plan: SDPlan, ref: Generator, lora: Path | None, ato
                 with torch.no_grad():
                     want = tcd_scheduler_sample(ref, z, cond, plan.timesteps[:n], plan.gamma, g)
             got = pipeline_sample(pipe, VERIFY_PROMPTS, plan, n, 0)
-            diff = float((got.float() - want.float()).abs().max())
-            if not math.isfinite(diff) or diff > atol:
-                raise ValueError(
-                    f"the exported {plan.pipeline_class} does not reproduce the student ({name}: max |difference| "
-                    f"{diff:.3g} > {atol}); nothing was written"
-                )
-            out[name] = diff
-    finally:
-        diffusers_logging.set_verbosity(level)
+            out[name] = check_close(got, want, atol, plan.pipeline_class, name)
     return out

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -176,26 +177,39 @@ class UNetBackbone(nn.Module):
     def features(self, x_in: Tensor, c_noise: Tensor, cond: Conditioning) -> list[Tensor]:
         """Output of each down block and of the mid block (discriminator taps). The forward stops after the mid
         block: the decoder, whose output no tap needs, never runs (DMD2's classifier runs the encoder only)."""
-        taps: list[Tensor] = []
-
-        def tap(module, inputs, output):
-            taps.append(output[0] if isinstance(output, tuple) else output)
-            if module is self.unet.mid_block:
-                raise _TapsDone
-
-        hooks = [b.register_forward_hook(tap) for b in [*self.unet.down_blocks, self.unet.mid_block]]
-        try:
-            self.forward(x_in, c_noise, cond)
-        except _TapsDone:
-            pass
-        finally:
-            for h in hooks:
-                h.remove()
-        return taps
+        return forward_taps([*self.unet.down_blocks, self.unet.mid_block], lambda: self.forward(x_in, c_noise, cond))
 
 
 class _TapsDone(Exception):
-    """Raised by :meth:`UNetBackbone.features` once the last tap is taken, to skip the decoder."""
+    """Raised by :func:`forward_taps` once the last tap is taken, so the rest of the network never runs."""
+
+
+def _block_output(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def forward_taps(
+    modules: list[nn.Module], run: Callable[[], Any], take: Callable[[Any], Tensor] = _block_output
+) -> list[Tensor]:
+    """``take(output)`` of each of ``modules`` (each runs once), in the order they run inside ``run()``; the forward
+    stops as soon as the last of them has run, so the layers after it (a UNet's decoder) never do. ``take``
+    defaults to the output itself, or its first entry for blocks that return tuples (diffusers' down blocks)."""
+    taps: list[Tensor] = []
+
+    def tap(module, inputs, output):
+        taps.append(take(output))
+        if len(taps) == len(modules):
+            raise _TapsDone
+
+    hooks = [m.register_forward_hook(tap) for m in modules]
+    try:
+        run()
+    except _TapsDone:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return taps
 
 
 class FourierEmbedding(nn.Module):

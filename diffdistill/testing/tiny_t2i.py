@@ -133,27 +133,17 @@ def tiny_sd_pipeline(
     tok = clip_tokenizer(kind=tokenizer)
     text_encoder = CLIPTextModel(tiny_text_config(tok))
     scheduler = ddpm_scheduler(prediction_type)
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler)
     if kind == "sd":
         pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tok,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     else:
         text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tok, projection=True))
         pipe = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
+            **parts,
             text_encoder_2=text_encoder_2,
-            tokenizer=tok,
             tokenizer_2=tok,
-            unet=unet,
-            scheduler=scheduler,
             force_zeros_for_empty_prompt=True,
             add_watermarker=False,
         )

@@ -27,6 +27,7 @@ from diffdistill.models.generator import Generator
 from diffdistill.models.io import model_config, save_model
 from diffdistill.models.lora import add_lora
 from diffdistill.testing.tiny_flow import tiny_sd3_pipeline
+from tests.helpers import perturb
 
 PROMPTS = ["lowest newer", "wider lower"]
 NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}
@@ -43,17 +44,6 @@ def assert_same(got, want, sigma0: float):
     torch.testing.assert_close(got, want, atol=1e-5 + 2 * rel * float(want.abs().max()), rtol=0)
 
 
-def _perturb(module: torch.nn.Module, seed: int, only: str = "") -> torch.nn.Module:
-    """Random weights everywhere (zero-initialised LoRA B and output layers included), so every part matters;
-    ``only="lora_"``: the adapters only (a LoRA student's base is the teacher's)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if only in name:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return module.eval()
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3_base") / "pipe")
@@ -68,7 +58,7 @@ def _student(teacher, sigmas, seed, lora=False) -> Generator:
     den = copy.deepcopy(teacher.denoiser).requires_grad_(True)
     if lora:
         add_lora(den, rank=2)
-    return _perturb(Generator(den, sigmas[0], sigmas), seed, "lora_" if lora else "")
+    return perturb(Generator(den, sigmas[0], sigmas), seed, "lora_" if lora else "")
 
 
 def _reference(gen: Generator, teacher, steps: int, seed: int = 0):

@@ -21,21 +21,12 @@ from diffdistill.models.denoiser import EDMDenoiser
 from diffdistill.models.generator import Generator
 from diffdistill.models.lora import add_lora, has_lora
 from tests.export_runner import run_in_fresh_process
-from tests.helpers import tiny_unet2d_config
+from tests.helpers import perturb, tiny_unet2d_config
 
 TOL = 1e-5
 B = 3
 LABELS = [0, 3, 1]
 RECIPE = [80.0, 0.8]
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights everywhere (zero-initialised LoRA B and guidance heads included), so every part matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return module.eval()
 
 
 def _unet(num_classes=4, **kw) -> UNetBackbone:
@@ -56,26 +47,26 @@ def students() -> dict[str, tuple[Generator, dict]]:
     """name -> (student, export options)."""
     karras = [80.0 ** (1 / 7) + r * (0.002 ** (1 / 7) - 80.0 ** (1 / 7)) for r in (0.0, 3 / 17, 6 / 17)]
     return {
-        "edm": (Generator(_perturb(_edm(), 1), 80.0, RECIPE), {}),
-        "cm": (Generator(ConsistencyDenoiser(_perturb(_edm(), 2)), 80.0, RECIPE), {}),
+        "edm": (Generator(perturb(_edm(), 1), 80.0, RECIPE), {}),
+        "cm": (Generator(ConsistencyDenoiser(perturb(_edm(), 2)), 80.0, RECIPE), {}),
         "cm_uncond_karras": (
-            Generator(ConsistencyDenoiser(_perturb(_edm(num_classes=None), 3)), 80.0, [k**7 for k in karras]),
+            Generator(ConsistencyDenoiser(perturb(_edm(num_classes=None), 3)), 80.0, [k**7 for k in karras]),
             {},
         ),
-        "cm_small_sigma": (Generator(ConsistencyDenoiser(_perturb(_edm(), 11)), 80.0, [80.0, 0.2]), {}),
+        "cm_small_sigma": (Generator(ConsistencyDenoiser(perturb(_edm(), 11)), 80.0, [80.0, 0.2]), {}),
         "guidance": (
             Generator(
-                _perturb(_edm(guidance_embedding=True), 4), 80.0, RECIPE, {"w_min": 1.0, "w_max": 3.0, "w_default": 2.0}
+                perturb(_edm(guidance_embedding=True), 4), 80.0, RECIPE, {"w_min": 1.0, "w_max": 3.0, "w_default": 2.0}
             ),
             {},
         ),
-        "tcd": (Generator(_perturb(_edm(), 5), 80.0, [80.0, 2.0, 0.5]), {"gamma": 0.3}),
-        "mlp": (Generator(EDMDenoiser(_perturb(MLPBackbone(dim=2, hidden=16, depth=2), 6)), 80.0, [80.0, 1.0]), {}),
-        "lora_edm_fused": (Generator(_perturb(_lora(_edm()), 7), 80.0, RECIPE), {}),
-        "lora_cm_fused": (Generator(ConsistencyDenoiser(_perturb(_lora(_edm()), 8)), 80.0, RECIPE), {}),
-        "lora_edm_adapters": (Generator(_perturb(_lora(_edm()), 9), 80.0, RECIPE), {"lora": "adapters"}),
+        "tcd": (Generator(perturb(_edm(), 5), 80.0, [80.0, 2.0, 0.5]), {"gamma": 0.3}),
+        "mlp": (Generator(EDMDenoiser(perturb(MLPBackbone(dim=2, hidden=16, depth=2), 6)), 80.0, [80.0, 1.0]), {}),
+        "lora_edm_fused": (Generator(perturb(_lora(_edm()), 7), 80.0, RECIPE), {}),
+        "lora_cm_fused": (Generator(ConsistencyDenoiser(perturb(_lora(_edm()), 8)), 80.0, RECIPE), {}),
+        "lora_edm_adapters": (Generator(perturb(_lora(_edm()), 9), 80.0, RECIPE), {"lora": "adapters"}),
         "lora_cm_adapters": (
-            Generator(ConsistencyDenoiser(_perturb(_lora(_edm()), 10)), 80.0, RECIPE),
+            Generator(ConsistencyDenoiser(perturb(_lora(_edm()), 10)), 80.0, RECIPE),
             {"lora": "adapters"},
         ),
     }
@@ -278,7 +269,7 @@ def test_choose_pipeline_says_why():
 
 
 def test_export_leaves_the_student_unchanged(tmp_path):
-    gen = Generator(_perturb(_lora(_edm()), 3), 80.0, RECIPE)
+    gen = Generator(perturb(_lora(_edm()), 3), 80.0, RECIPE)
     before = {k: v.clone() for k, v in gen.state_dict().items()}
     export_pipeline(gen, tmp_path / "out", verify=False)
     assert has_lora(gen) and all(torch.equal(before[k], v) for k, v in gen.state_dict().items())

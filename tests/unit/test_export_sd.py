@@ -27,6 +27,7 @@ from diffdistill.models.io import model_config, save_model
 from diffdistill.models.lora import add_lora
 from diffdistill.objectives.lcm import LCM
 from diffdistill.testing.tiny_t2i import tiny_sd_pipeline
+from tests.helpers import perturb
 
 PROMPTS = ["lowest newer", "wider lower"]
 
@@ -39,17 +40,6 @@ def assert_same(got, want):
 
 
 PIPELINES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
-
-
-def _perturb(module: torch.nn.Module, seed: int, only: str = "") -> torch.nn.Module:
-    """Random weights everywhere (zero-initialised LoRA B and guidance projections included), so every part matters;
-    ``only="lora_"``: the adapters only (a LoRA student's base is the teacher's)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if only in name:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return module.eval()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +65,7 @@ def _student(teacher, timesteps, seed, lcm=False, embed=False, lora=False) -> Ge
     gen = Generator(den, sigmas[0], sigmas)
     if lcm:
         LCM.prepare_student(gen, teacher=teacher, embed_guidance=embed)
-    return _perturb(gen, seed, "lora_" if lora else "")
+    return perturb(gen, seed, "lora_" if lora else "")
 
 
 def _reference(gen: Generator, teacher, kind: str, steps: int, seed: int = 0, w: float | None = None):

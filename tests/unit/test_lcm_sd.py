@@ -25,18 +25,10 @@ from diffdistill.models.generator import Generator
 from diffdistill.models.io import build_from_config, model_config
 from diffdistill.objectives.lcm import LCM
 from diffdistill.testing.tiny_t2i import tiny_sd_pipeline
-from tests.helpers import tiny_unet2d
+from tests.helpers import perturb, tiny_unet2d
 
 TIMESTEPS = [0, 19, 499, 999]
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32; x0 of a random UNet at t = 999 reaches ~50 (x = x_vp / alpha, 1/alpha = 14.6)
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return module.eval()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +49,7 @@ def _prompt_cond(teacher, w: float | None = None) -> Conditioning:
 def test_boundary_equals_lcm_scheduler(teachers, pred):
     """c_skip / c_out are LCMScheduler's at each timestep, and the student's output is its step's ``denoised``."""
     teacher = teachers[pred]
-    den = LCMBoundaryDenoiser(_perturb(copy.deepcopy(teacher.denoiser), 1))
+    den = LCMBoundaryDenoiser(perturb(copy.deepcopy(teacher.denoiser), 1))
     sched = LCMScheduler(beta_schedule="scaled_linear", prediction_type=pred, clip_sample=False)
     cond = _prompt_cond(teacher)
     for t in TIMESTEPS:
@@ -116,7 +108,7 @@ def test_prepare_student_sd_lcm_boundary_and_guidance_embedding(teachers):
     assert isinstance(gen.denoiser, LCMBoundaryDenoiser) and gen.renoise_floor == 0.0
     unet = gen.denoiser.inner.unet
     assert unet.config.time_cond_proj_dim == 256 and gen.guidance == {"w_min": 6.0, "w_max": 16.0, "w_default": 11.0}
-    _perturb(gen, 2)
+    perturb(gen, 2)
     t, omega = 499, 7.0
     sched = LCMScheduler(beta_schedule="scaled_linear", clip_sample=False)
     abar = sched.alphas_cumprod[t]

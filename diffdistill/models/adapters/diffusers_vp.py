@@ -21,6 +21,29 @@ from diffdistill.schedules.discrete import DDPMSchedule
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def vp_schedule(alphas_cumprod: Tensor, prediction_type: str, quantize: bool, allowed: tuple[str, ...]) -> DDPMSchedule:
+    """The ``DDPMSchedule`` of a VP network trained with ``alphas_cumprod``, after checking ``prediction_type``."""
+    if prediction_type not in allowed:
+        raise ValueError(f"prediction_type must be one of {allowed}, got '{prediction_type}'")
+    return DDPMSchedule(alphas_cumprod, quantize=quantize)
+
+
+def vp_inputs(schedule: DDPMSchedule, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The network's inputs at EDM ``(x, sigma)``: ``x_vp = alpha x``, the DDPM timestep ``t``, and ``alpha``, ``s``."""
+    alpha, s = schedule.alpha_sigma(sigma)
+    x_vp = x * append_dims(alpha, x.ndim)  # EDM -> VP: x_vp = alpha x
+    return x_vp, schedule.sigma_to_t(sigma), alpha, s
+
+
+def vp_to_x0(prediction_type: str, out: Tensor, x: Tensor, x_vp: Tensor, sigma: Tensor, alpha, s) -> Tensor:
+    """``x0_hat`` from the network output ``out`` of a ``prediction_type`` network fed :func:`vp_inputs`."""
+    if prediction_type == "epsilon":
+        return eps_to_x0(x, out, sigma)  # x0 = x - sigma eps (the EDM view of x0 = (x_vp - s eps) / alpha)
+    if prediction_type == "v_prediction":
+        return v_to_x0(x_vp, out, alpha, s)  # x0 = alpha x_vp - s v (Salimans & Ho 2022)
+    return out
+
+
 class DiffusersVPDenoiser(Denoiser):
     """Wrap a VP ``UNet2DModel``.
 
@@ -43,10 +66,8 @@ class DiffusersVPDenoiser(Denoiser):
         num_classes: int | None = None,
     ):
         super().__init__()
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got '{prediction_type}'")
         self.unet, self.prediction_type = unet, prediction_type
-        self.schedule = DDPMSchedule(alphas_cumprod, quantize=quantize)
+        self.schedule = vp_schedule(alphas_cumprod, prediction_type, quantize, PREDICTION_TYPES)
         self.sigma_data, self.num_classes = float(sigma_data), num_classes
         self.sigma_min, self.sigma_max = self.schedule.sigma_min, self.schedule.sigma_max
 
@@ -112,15 +133,9 @@ class DiffusersVPDenoiser(Denoiser):
         return (c.in_channels, s, s)
 
     def denoise(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-        alpha, s = self.schedule.alpha_sigma(sigma)
-        x_vp = x * append_dims(alpha, x.ndim)  # EDM -> VP: x_vp = alpha x
-        t = self.schedule.sigma_to_t(sigma)
+        x_vp, t, alpha, s = vp_inputs(self.schedule, x, sigma)
         labels = cond.class_labels
         if self.num_classes is not None and labels is None:
             labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
         out = self.unet(x_vp, t, class_labels=labels).sample.to(x.dtype)
-        if self.prediction_type == "epsilon":
-            return eps_to_x0(x, out, sigma)
-        if self.prediction_type == "v_prediction":
-            return v_to_x0(x_vp, out, alpha, s)
-        return out
+        return vp_to_x0(self.prediction_type, out, x, x_vp, sigma, alpha, s)

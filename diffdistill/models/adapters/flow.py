@@ -114,25 +114,19 @@ class DiffusersFlowDenoiser(Denoiser):
         the local folder has them (:func:`sd3_teacher` always does). Nothing is downloaded unless ``path`` is a hub
         id and the hub is reachable.
         """
-        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from diffusers import SD3Transformer2DModel
 
         from diffdistill.models.io import local_or_hub
 
         path = local_or_hub(path)
-        try:
-            transformer = SD3Transformer2DModel.from_pretrained(str(path), subfolder=subfolder, **kw)
-            sched = FlowMatchEulerDiscreteScheduler.from_pretrained(str(path), subfolder=scheduler_subfolder)
-        except (OSError, ValueError) as e:
-            raise FileNotFoundError(
-                f"could not load an SD3Transformer2DModel + FlowMatchEulerDiscreteScheduler from '{path}': {e}"
-            ) from e
+        transformer, config = _load_pretrained(SD3Transformer2DModel, "an", path, subfolder, scheduler_subfolder, **kw)
         null = (None, None)
         if null_prompt and (Path(path) / "text_encoder").is_dir():
             from diffdistill.models.adapters.sd3 import SD3PromptEncoder
 
             c = SD3PromptEncoder.from_pretrained(path).null_prompt
             null = (c.prompt_embeds, c.pooled_prompt_embeds)
-        return cls(transformer, _plain_config(sched.config), sigma_data, *null, feature_blocks)
+        return cls(transformer, config, sigma_data, *null, feature_blocks)
 
     @classmethod
     def from_config(
@@ -387,19 +381,12 @@ class DiffusersFluxDenoiser(DiffusersFlowDenoiser):
     ) -> DiffusersFluxDenoiser:
         """Load a ``FluxTransformer2DModel`` and its scheduler config from a diffusers folder or hub id (no null
         prompt: guidance-distilled Flux needs none; set one with :meth:`set_null_prompt` for true CFG)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from diffusers import FluxTransformer2DModel
 
         from diffdistill.models.io import local_or_hub
 
         path = local_or_hub(path)
-        try:
-            transformer = FluxTransformer2DModel.from_pretrained(str(path), subfolder=subfolder, **kw)
-            sched = FlowMatchEulerDiscreteScheduler.from_pretrained(str(path), subfolder=scheduler_subfolder)
-        except (OSError, ValueError) as e:
-            raise FileNotFoundError(
-                f"could not load a FluxTransformer2DModel + FlowMatchEulerDiscreteScheduler from '{path}': {e}"
-            ) from e
-        config = _plain_config(sched.config)
+        transformer, config = _load_pretrained(FluxTransformer2DModel, "a", path, subfolder, scheduler_subfolder, **kw)
         return cls(transformer, config, sigma_data, None, None, feature_blocks, sample_size, embedded_guidance)
 
     @classmethod
@@ -486,33 +473,37 @@ class DiffusersFluxDenoiser(DiffusersFlowDenoiser):
         """Image-token outputs of the tapped blocks as ``[B, inner_dim, H/2, W/2]`` maps; the forward stops after
         the last tap."""
         from diffdistill.conventions import as_sigma
+        from diffdistill.models.backbones import forward_taps
         from diffdistill.models.conditioning import as_conditioning
 
         sigma = as_sigma(sigma, x.shape[0], x.device)
         x_rf, u = edm_to_rf(x, sigma)
         blocks = self._blocks()
         h, w = x.shape[-2] // 2, x.shape[-1] // 2
-        taps: list[Tensor] = []
 
-        def tap(module, inputs, output):
-            hidden = output[1]
-            taps.append(hidden.transpose(1, 2).reshape(hidden.shape[0], -1, h, w))
-            if len(taps) == len(self.feature_blocks):
-                raise _TapsDone
+        def image_tokens(output) -> Tensor:  # a joint block returns (context, hidden); the image tokens as a map
+            return output[1].transpose(1, 2).reshape(output[1].shape[0], -1, h, w)
 
-        hooks = [blocks[i].register_forward_hook(tap) for i in self.feature_blocks]
-        try:
-            self.transformer(**self._inputs(x_rf, u, as_conditioning(cond)), return_dict=False)
-        except _TapsDone:
-            pass
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return taps
+        def run():
+            return self.transformer(**self._inputs(x_rf, u, as_conditioning(cond)), return_dict=False)
+
+        return forward_taps([blocks[i] for i in self.feature_blocks], run, image_tokens)
 
 
-class _TapsDone(Exception):
-    """Raised once the last feature tap is taken, so the rest of the transformer never runs."""
+def _load_pretrained(
+    model_cls, article: str, path, subfolder: str | None, scheduler_subfolder: str | None, **kw
+) -> tuple[nn.Module, dict]:
+    """A transformer of ``model_cls`` and its ``FlowMatchEulerDiscreteScheduler`` config (plain) from a folder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    try:
+        transformer = model_cls.from_pretrained(str(path), subfolder=subfolder, **kw)
+        sched = FlowMatchEulerDiscreteScheduler.from_pretrained(str(path), subfolder=scheduler_subfolder)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"could not load {article} {model_cls.__name__} + FlowMatchEulerDiscreteScheduler from '{path}': {e}"
+        ) from e
+    return transformer, _plain_config(sched.config)
 
 
 def _null_buffers(shape: list[int] | None, pooled_dim: int | None) -> tuple[Tensor | None, Tensor | None]:

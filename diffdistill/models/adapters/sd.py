@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffdistill.conventions import append_dims, eps_to_x0, v_to_x0
+from diffdistill.models.adapters.diffusers_vp import vp_inputs, vp_schedule, vp_to_x0
 from diffdistill.models.conditioning import Conditioning
 from diffdistill.models.denoiser import Denoiser
-from diffdistill.schedules.discrete import DDPMSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 GUIDANCE_EMBED_DIM = 256  # LCM's w_embedding_dim (diffusers examples/consistency_distillation)
@@ -39,10 +38,6 @@ def guidance_scale_embedding(w: Tensor, embedding_dim: int = GUIDANCE_EMBED_DIM,
     if embedding_dim % 2 == 1:
         emb = nn.functional.pad(emb, (0, 1))
     return emb
-
-
-class _TapsDone(Exception):
-    """Raised by :meth:`DiffusersSDDenoiser.features` after the mid block, to skip the decoder."""
 
 
 class DiffusersSDDenoiser(Denoiser):
@@ -72,10 +67,8 @@ class DiffusersSDDenoiser(Denoiser):
         vae_scale_factor: int = 8,
     ):
         super().__init__()
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got '{prediction_type}'")
         self.unet, self.prediction_type = unet, prediction_type
-        self.schedule = DDPMSchedule(alphas_cumprod, quantize=quantize)
+        self.schedule = vp_schedule(alphas_cumprod, prediction_type, quantize, PREDICTION_TYPES)
         self.sigma_data = float(sigma_data)
         self.sigma_min, self.sigma_max = self.schedule.sigma_min, self.schedule.sigma_max
         self.vae_scale_factor = int(vae_scale_factor)
@@ -255,42 +248,21 @@ class DiffusersSDDenoiser(Denoiser):
             kw["timestep_cond"] = guidance_scale_embedding(w.float() - 1.0, dim).to(dtype)
         return kw
 
-    def _unet_inputs(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        alpha, s = self.schedule.alpha_sigma(sigma)
-        x_vp = x * append_dims(alpha, x.ndim)  # EDM -> VP: x_vp = alpha x
-        return x_vp, self.schedule.sigma_to_t(sigma), alpha, s
-
     def denoise(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-        x_vp, t, alpha, s = self._unet_inputs(x, sigma)
+        x_vp, t, alpha, s = vp_inputs(self.schedule, x, sigma)
         out = self.unet(x_vp.to(self.unet.dtype), t, **self._unet_kwargs(x, cond)).sample.to(x.dtype)
-        if self.prediction_type == "epsilon":
-            return eps_to_x0(x, out, sigma)  # x0 = x - sigma eps (the EDM view of x0 = (x_vp - s eps) / alpha)
-        return v_to_x0(x_vp, out, alpha, s)  # x0 = alpha x_vp - s v (Salimans & Ho 2022)
+        return vp_to_x0(self.prediction_type, out, x, x_vp, sigma, alpha, s)
 
     def features(self, x: Tensor, sigma: Tensor, cond: Conditioning | None = None) -> list[Tensor]:
         """Output of each down block and of the mid block (discriminator taps); the decoder never runs."""
         from diffdistill.conventions import as_sigma
+        from diffdistill.models.backbones import forward_taps
         from diffdistill.models.conditioning import as_conditioning
 
         sigma, cond = as_sigma(sigma, x.shape[0], x.device), as_conditioning(cond)
-        taps: list[Tensor] = []
-
-        def tap(module, inputs, output):
-            taps.append(output[0] if isinstance(output, tuple) else output)
-            if module is self.unet.mid_block:
-                raise _TapsDone
-
         blocks = [*self.unet.down_blocks, *([self.unet.mid_block] if self.unet.mid_block is not None else [])]
-        hooks = [b.register_forward_hook(tap) for b in blocks]
-        x_vp, t, _, _ = self._unet_inputs(x, sigma)
-        try:
-            self.unet(x_vp.to(self.unet.dtype), t, **self._unet_kwargs(x, cond))
-        except _TapsDone:
-            pass
-        finally:
-            for h in hooks:
-                h.remove()
-        return taps
+        x_vp, t, _, _ = vp_inputs(self.schedule, x, sigma)
+        return forward_taps(blocks, lambda: self.unet(x_vp.to(self.unet.dtype), t, **self._unet_kwargs(x, cond)))
 
 
 def _has_text_encoder(path: str) -> bool:
