@@ -8,7 +8,8 @@ Networks (random weights, built from config; nothing is downloaded):
   dim 32) on which the diffusers LCM script (``examples/consistency_distillation/train_lcm_distill_sd_wds.py``)
   was timed (``benchmarks/README.md``, Networks). Prompts are stood in for by
   per-class prompt embeddings (a frozen lookup table; the last row is the empty prompt, so classifier-free
-  guidance runs through the teacher's batched ``[cond; uncond]`` path).
+  guidance runs through the teacher's batched ``[cond; uncond]`` path). ``bench_t2i_step.py`` times the same UNet on the
+  real path instead: ``backbone=sd`` (``DiffusersSDDenoiser``) with its text encoder and VAE in both steps.
 * ``adm_dmd2``: the EDM-preconditioned ADM U-Net of DMD2's ImageNet-64 code (``tianweiy/DMD2``, ``main/edm/``):
   64x64x3, 1000 classes, 32 base channels, multipliers [1, 2, 3, 4], one block per level, attention at 32/16/8,
   built as a diffusers ``UNet2DModel`` with residual up/down-sampling and scale-shift norm (4.63M parameters vs 4.65M).
