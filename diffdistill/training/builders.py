@@ -114,7 +114,7 @@ def check_student(student: DictConfig) -> None:
         raise ValueError(f"student.sigma_init must be null (the teacher's sigma_max) or a number > 0, got {s!r}")
     sig = student.get("sampling_sigmas")
     if sig is not None:
-        ok = OmegaConf.is_list(sig) and len(sig) > 0
+        ok = (OmegaConf.is_list(sig) or isinstance(sig, (list, tuple))) and len(sig) > 0  # a resolver gives a list
         ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in sig)
         if not ok:
             raise ValueError(f"student.sampling_sigmas must be null or a non-empty list of sigmas > 0, got {sig!r}")

@@ -250,3 +250,15 @@ def test_every_objective_has_a_fashion_mnist_t2i_recipe():
         cfg = compose_train([f"experiment=fashion_mnist_t2i/{name}"])
         assert cfg.backbone.path == "fashion_mnist_t2i" and cfg.data.prompts and cfg.export_pipeline, name
         assert cfg.objective._target_.endswith(OBJECTIVES[name].__name__), name
+
+
+@pytest.mark.parametrize("name", ["lcm", "sid"])
+def test_fashion_mnist_t2i_recipes_build_with_exact_timestep_sigmas(tmp_path, name):
+    """A few-step recipe (sigmas from ``${dd.sd_sigmas:999,499}``) and a SiD recipe (``sigma_init`` at t = 625) build on
+    the packaged teacher, their sigmas sitting on integer DDPM timesteps (what the stock export needs)."""
+    from diffdistill.models.consistency import discrete_vp_schedule
+
+    cfg = compose_train([f"experiment=fashion_mnist_t2i/{name}", f"run_dir={tmp_path}", "data.limit=64"])
+    gen = build_trainer(cfg).roles["generator"]
+    t = discrete_vp_schedule(gen).sigma_to_t(torch.tensor(gen.sampling_sigmas, dtype=torch.float64))
+    assert torch.equal(t, t.round()) and float(t[0]) == (999.0 if name == "lcm" else 625.0)
