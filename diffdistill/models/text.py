@@ -23,6 +23,8 @@ KINDS = ("sd", "sdxl")
 def pipeline_kind(path: str | Path) -> str:
     """``"sd"``, ``"sdxl"`` or ``"sd3"`` from a pipeline folder's ``model_index.json`` (its text encoders)."""
     index = read_model_index(path)
+    if "StableDiffusion3" in str(index.get("_class_name", "")):
+        return "sd3"
     if index.get("text_encoder_3") is not None and index["text_encoder_3"][0] is not None:
         return "sd3"
     if index.get("text_encoder_2") is not None and index["text_encoder_2"][0] is not None:

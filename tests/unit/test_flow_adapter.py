@@ -390,3 +390,16 @@ def test_student_from_the_flow_teacher_starts_from_unit_noise_and_reloads(teache
     save_model(gen, model_config(gen), tmp_path / "gen")
     with torch.no_grad():
         assert torch.equal(load_generator(tmp_path / "gen")(z, cond), gen(z, cond))
+
+
+def test_sd3_teacher_refuses_another_pipeline_kind(tmp_path):
+    """An SD pipeline given to ``backbone=sd3`` fails naming the kind and the backbone to use."""
+    from diffdistill.models.adapters.sd3 import sd3_teacher
+    from diffdistill.models.text import pipeline_kind
+    from diffdistill.testing.tiny_flow import tiny_sd3_pipeline
+    from diffdistill.testing.tiny_t2i import tiny_sd_pipeline
+
+    sd = tiny_sd_pipeline(tmp_path / "sd", kind="sd")
+    with pytest.raises(ValueError, match="'sd' pipeline; sd3_teacher loads SD3 pipelines"):
+        sd3_teacher(sd)
+    assert pipeline_kind(tiny_sd3_pipeline(tmp_path / "sd3")) == "sd3"  # no T5: the class name tells

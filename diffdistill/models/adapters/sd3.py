@@ -134,8 +134,12 @@ def sd3_teacher(
     from diffdistill.models.io import local_or_hub
     from diffdistill.models.latent import LatentCodec
     from diffdistill.models.teacher import Teacher
+    from diffdistill.models.text import pipeline_kind
 
     path = local_or_hub(path)
+    kind = pipeline_kind(path)
+    if kind != "sd3":
+        raise ValueError(f"'{path}' is a '{kind}' pipeline; sd3_teacher loads SD3 pipelines (use backbone=sd or sdxl)")
     encoder = SD3PromptEncoder.from_pretrained(path, max_sequence_length, load_t5, cache_dir)
     denoiser = DiffusersFlowDenoiser.from_pretrained(
         path, null_prompt=False, sigma_data=sigma_data, feature_blocks=feature_blocks
