@@ -79,8 +79,9 @@ class Teacher(WrapsDenoiser, nn.Module):
         cls, path: str | Path, guidance_scale: float = 1.0, ema: str | float | None = "auto"
     ) -> Teacher:
         """Load a teacher from a model folder (``config.json`` + ``model.safetensors``), a checkpoint or run folder
-        of a (teacher-)training run (its EMA generator's denoiser), or the name of a packaged teacher
-        (``fashion_mnist``). Every case goes through ``diffdistill.models.io`` (no training code is imported)."""
+        of a (teacher-)training run (its EMA generator's denoiser), a diffusers text-to-image pipeline folder (SD,
+        SDXL, SD3: ``sd_teacher`` / ``sd3_teacher``), or the name of a packaged teacher (``fashion_mnist``,
+        ``fashion_mnist_t2i``). Every case goes through ``diffdistill.models.io`` (no training code is imported)."""
         from diffdistill.models.generator import Generator
         from diffdistill.models.io import generator_folder, is_model_folder, load_model
         from diffdistill.utils.paths import ASSETS
@@ -99,6 +100,16 @@ class Teacher(WrapsDenoiser, nn.Module):
                 f"teacher '{path}' not found: give a model folder, a checkpoint or run folder, or one of "
                 f"the packaged teachers {avail}"
             )
+        if (p / "model_index.json").is_file():  # a diffusers text-to-image pipeline folder (SD, SDXL, SD3)
+            from diffdistill.models.text import pipeline_kind
+
+            if pipeline_kind(p) == "sd3":
+                from diffdistill.models.adapters.sd3 import sd3_teacher
+
+                return sd3_teacher(p, guidance_scale)
+            from diffdistill.models.adapters.sd import sd_teacher
+
+            return sd_teacher(p, guidance_scale)
         model = load_model(p if is_model_folder(p) else generator_folder(p, ema))
         if isinstance(model, Generator):  # a trained denoiser saved as a generator role
             model = model.denoiser

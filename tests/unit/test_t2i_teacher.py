@@ -168,3 +168,13 @@ def test_fit_vae_scales_latents_to_unit_std_and_refuses_bad_images():
         fit_vae(x * 127.5 + 127.5, TINY_VAE, steps=1)
     with pytest.raises(ValueError, match="float32"):
         fit_vae((x * 127.5 + 127.5).to(torch.uint8), TINY_VAE, steps=1)
+
+
+def test_teacher_from_pretrained_loads_the_packaged_pipeline_by_name():
+    """``Teacher.from_pretrained("fashion_mnist_t2i")`` is the SD adapter's teacher, with its text encoder and VAE."""
+    from diffdistill.models import Teacher
+    from diffdistill.models.adapters.sd import DiffusersSDDenoiser
+
+    teacher = Teacher.from_pretrained("fashion_mnist_t2i", guidance_scale=3.0)
+    assert isinstance(teacher.denoiser, DiffusersSDDenoiser) and teacher.guidance_scale == 3.0
+    assert teacher.prompt_encoder is not None and teacher.latent is not None
