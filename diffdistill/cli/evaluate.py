@@ -271,6 +271,8 @@ def evaluate_images(cfg: DictConfig, todo: list[Target]) -> Path:
         model = load_target(t, cfg).to(evaluator.device)
         if t.kind == "checkpoint":
             attach_text_to_image(evaluator, t.checkpoint)
+        elif getattr(model, "latent", None) is not None:  # a text-to-image teacher (prompts: eval.prompts)
+            evaluator.attach(model)
         shape = getattr(model, "sample_shape", None)
         if shape is not None and evaluator.latent is not None:
             shape = evaluator.latent.image_shape(tuple(shape))

@@ -262,3 +262,29 @@ def test_fashion_mnist_t2i_recipes_build_with_exact_timestep_sigmas(tmp_path, na
     gen = build_trainer(cfg).roles["generator"]
     t = discrete_vp_schedule(gen).sigma_to_t(torch.tensor(gen.sampling_sigmas, dtype=torch.float64))
     assert torch.equal(t, t.round()) and float(t[0]) == (999.0 if name == "lcm" else 625.0)
+
+
+def test_eval_cli_scores_a_text_to_image_teacher(tmp_path):
+    """``diffdistill-eval teacher=fashion_mnist_t2i`` samples the packaged pipeline's teacher from the given prompts,
+    decodes its latents and CLIP-scores them."""
+    from diffdistill.cli.evaluate import compose, evaluate
+    from diffdistill.evaluation import read_results
+
+    _tiny_clip(tmp_path)
+    over = [
+        "teacher=fashion_mnist_t2i",
+        f"out={tmp_path / 'teacher.json'}",
+        "eval=clip",
+        "eval.metrics=[clip_score]",
+        "eval.extractor=null",
+        "eval.reference=null",
+        "eval.clip=clip_tiny-test-clip",
+        "+eval.clip_kwargs.pretrained=false",
+        "+eval.prompts=[a photo of a bag, a photo of a sneaker]",
+        "eval.num_images=2",
+        "eval.batch_size=2",
+        "eval.sampler_steps=3",
+        "plot=false",
+    ]
+    doc = read_results(evaluate(compose(over)))
+    assert doc["protocol"]["sampler"]["latent_decoded"] and 0.0 <= doc["results"][0]["clip_score"] <= 100.0
