@@ -210,6 +210,18 @@ def test_every_objective_distils_the_tiny_text_to_image_teacher(tmp_path, t2i, n
     assert out.images.shape == (2, 3, 16, 16) and torch.isfinite(out.images).all()
 
 
+# diffdistill-eval with CLIP score only, from the tiny random open_clip model registered by _tiny_clip
+CLIP_EVAL = [
+    "eval=clip",
+    "eval.metrics=[clip_score]",
+    "eval.extractor=null",
+    "eval.reference=null",
+    "eval.clip=clip_tiny-test-clip",
+    "+eval.clip_kwargs.pretrained=false",
+    "plot=false",
+]
+
+
 def test_eval_cli_decodes_and_prompts_a_text_to_image_student(tmp_path, t2i):
     """``diffdistill-eval run_dir=<t2i run>`` attaches the run teacher's text encoder and VAE: images are decoded
     latents conditioned on the run's captions (the protocol records both), scored by CLIP against those captions."""
@@ -218,18 +230,7 @@ def test_eval_cli_decodes_and_prompts_a_text_to_image_student(tmp_path, t2i):
 
     _tiny_clip(tmp_path)  # registers the tiny open_clip config
     build_trainer(_cfg(t2i, tmp_path / "run", "dmd", "prompts", ["trainer.sample_every=0"])).fit()
-    over = [
-        f"run_dir={tmp_path / 'run'}",
-        "eval=clip",
-        "eval.metrics=[clip_score]",
-        "eval.extractor=null",
-        "eval.reference=null",
-        "eval.clip=clip_tiny-test-clip",
-        "+eval.clip_kwargs.pretrained=false",
-        "eval.num_images=4",
-        "eval.batch_size=4",
-        "plot=false",
-    ]
+    over = [f"run_dir={tmp_path / 'run'}", *CLIP_EVAL, "eval.num_images=4", "eval.batch_size=4"]
     out = evaluate(compose(over))
     doc = read_results(out)
     rows = doc["results"]
@@ -274,17 +275,11 @@ def test_eval_cli_scores_a_text_to_image_teacher(tmp_path):
     over = [
         "teacher=fashion_mnist_t2i",
         f"out={tmp_path / 'teacher.json'}",
-        "eval=clip",
-        "eval.metrics=[clip_score]",
-        "eval.extractor=null",
-        "eval.reference=null",
-        "eval.clip=clip_tiny-test-clip",
-        "+eval.clip_kwargs.pretrained=false",
+        *CLIP_EVAL,
         "+eval.prompts=[a photo of a bag, a photo of a sneaker]",
         "eval.num_images=2",
         "eval.batch_size=2",
         "eval.sampler_steps=3",
-        "plot=false",
     ]
     doc = read_results(evaluate(compose(over)))
     assert doc["protocol"]["sampler"]["latent_decoded"] and 0.0 <= doc["results"][0]["clip_score"] <= 100.0
