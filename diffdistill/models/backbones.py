@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Callable
 from typing import Any
@@ -188,6 +189,11 @@ def _block_output(output: Any) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+# set by :func:`denoise_with_features`: ``forward_taps`` then leaves its hooks in place, runs nothing and returns
+# nothing, so the network's *whole* forward that follows fills the taps (one pass for the output and the features)
+_CAPTURE: contextvars.ContextVar[list | None] = contextvars.ContextVar("diffdistill_capture_taps", default=None)
+
+
 def forward_taps(
     modules: list[nn.Module], run: Callable[[], Any], take: Callable[[Any], Tensor] = _block_output
 ) -> list[Tensor]:
@@ -195,6 +201,11 @@ def forward_taps(
     stops as soon as the last of them has run, so the layers after it (a UNet's decoder) never do. ``take``
     defaults to the output itself, or its first entry for blocks that return tuples (diffusers' down blocks)."""
     taps: list[Tensor] = []
+    capture = _CAPTURE.get()
+    if capture is not None:  # inside denoise_with_features: the caller runs the whole forward
+        hooks = [m.register_forward_hook(lambda mod, inp, out: taps.append(take(out))) for m in modules]
+        capture.append((taps, hooks, len(modules)))
+        return taps
 
     def tap(module, inputs, output):
         taps.append(take(output))
@@ -210,6 +221,38 @@ def forward_taps(
         for h in hooks:
             h.remove()
     return taps
+
+
+def denoise_with_features(
+    network: nn.Module, x: Tensor, sigma: Tensor, cond: Conditioning | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """``(network(x, sigma, cond), network.features(x, sigma, cond))`` from **one** forward where the network's
+    ``features`` reads its taps through :func:`forward_taps` (the UNet backbones and adapters): the taps are the
+    activations of the whole forward, equal to what ``features`` returns. Networks whose ``features`` computes its
+    taps otherwise get them from a second (partial) pass, so the result is the same either way."""
+    capture: list = []
+    token = _CAPTURE.set(capture)
+    try:
+        taps = network.features(x, sigma, cond)
+    finally:
+        _CAPTURE.reset(token)
+    if not capture:  # features ran on its own: the output needs its own forward
+        return network(x, sigma, cond), taps
+    (taps, hooks, expected), *rest = capture
+    try:
+        if rest:
+            raise RuntimeError("denoise_with_features: features() read its taps from more than one forward")
+        out = network(x, sigma, cond)
+    finally:
+        for entry in capture:
+            for h in entry[1]:
+                h.remove()
+    if len(taps) != expected:
+        raise RuntimeError(
+            f"denoise_with_features: {type(network).__name__}'s forward ran {len(taps)} tapped blocks, "
+            f"its features() {expected}; use network.features() and a separate forward"
+        )
+    return out, taps
 
 
 class FourierEmbedding(nn.Module):

@@ -251,3 +251,12 @@ class Discriminator(nn.Module):
         """Logits ``[B, heads]`` of the noised input ``x`` at ``sigma``, read from ``network``'s taps."""
         sigma = as_sigma(sigma, x.shape[0], x.device)
         return self.logits(self.features(network, x, sigma, cond), x, sigma)
+
+
+def feature_pass_cost(network: nn.Module | None, discriminator: Discriminator) -> float:
+    """What one pass of ``discriminator``'s taps through ``network`` costs, in whole forwards, for pass counts: 0
+    when every tap is ``"input"``, the backbone's ``feature_pass_cost`` (a UNet stops after its mid block), else 1."""
+    if network is None or not discriminator.needs_features:
+        return 0.0
+    costs = [float(m.feature_pass_cost) for m in network.modules() if hasattr(m, "feature_pass_cost")]
+    return costs[0] if costs else 1.0

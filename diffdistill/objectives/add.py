@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch, Conditioning
-from diffdistill.models.discriminator import INPUT_TAP, Discriminator
+from diffdistill.models.discriminator import INPUT_TAP, Discriminator, feature_pass_cost
 from diffdistill.objectives import gan
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
 from diffdistill.objectives.common import add_noise, dm_timestep_grid, karras_index_sigmas, per_sample_mean
@@ -208,11 +208,7 @@ class AdversarialDistillation(Objective):
 
     def feature_cost(self) -> float:
         """One feature pass of the network the heads read, in whole forwards (a UNet stops after its mid block)."""
-        net = self.feature_network if self.discriminator.needs_features else None
-        if net is None:
-            return 0.0
-        costs = [float(m.feature_pass_cost) for m in net.modules() if hasattr(m, "feature_pass_cost")]
-        return costs[0] if costs else 1.0
+        return feature_pass_cost(self.feature_network, self.discriminator)
 
     def pass_count(self, teacher_forwards: float = 0.0) -> PassCount:
         """One iteration averaged over the schedule; ``teacher_forwards``: extra no-grad teacher forwards of the

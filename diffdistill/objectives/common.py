@@ -65,10 +65,16 @@ def denoising_score_matching_loss(denoiser, x0: Tensor, sigma: Tensor, cond, wei
     """
     check_weighting("weighting", weighting)
     x, _ = add_noise(x0, sigma)
-    err = per_sample_mean((denoiser(x, sigma, cond) - x0) ** 2)
+    return weighted_denoising_error(denoiser(x, sigma, cond), x0, sigma, denoiser.sigma_data, weighting)
+
+
+def weighted_denoising_error(x0_hat: Tensor, x0: Tensor, sigma: Tensor, sigma_data: float, weighting: str) -> Tensor:
+    """Per-sample ``lambda(sigma) mean ||x0_hat - x0||^2`` of a denoiser output already computed (EDM Eq. 8; the
+    weights of :func:`denoising_score_matching_loss`)."""
+    err = per_sample_mean((x0_hat - x0) ** 2)
     if weighting == "none":
         return err
-    return dsm_weight(sigma, denoiser.sigma_data, weighting) * err
+    return dsm_weight(sigma, sigma_data, weighting) * err
 
 
 def karras_index_sigmas(sigmas_ascending: Tensor, batch: int, k_min: int, k_max: int, device) -> Tensor:

@@ -10,8 +10,10 @@ arXiv:2405.14867; official code ``tianweiy/DMD2``, ``main/edm/edm_guidance.py``,
         L_G = 1/2 mean(x - sg(x - g))^2                          (DMD gradient g in float64, per-sample NaN masking)
             + gan_generator_weight * softplus(-D(x + sigma eps))  (§4.2, D on the fake score's bottleneck)
     critic (every iteration; fake score + discriminator heads):
-        L_C = lambda(sigma) ||mu_fake(x + sigma' eps') - x||^2     (fake-score loss on detached samples)
+        L_C = lambda(sigma) ||mu_fake(x + sigma eps) - x||^2       (fake-score loss on detached samples)
             + gan_discriminator_weight * [softplus(D(x + sigma eps)) + softplus(-D(x_real + sigma eps_r))]
+        (with ``fuse_critic_passes``, the default, both terms read the same x + sigma eps, so one forward of the
+        fake score gives mu_fake and D's taps; DMD2's code draws a second sigma' eps' for the first term)
             (+ r1_weight * R1 at the noised real samples, off in the paper)
 
 The discriminator (``diffdistill/models/discriminator.py``) holds only heads; it reads the taps of the fake score
@@ -29,8 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffdistill.models.backbones import denoise_with_features
 from diffdistill.models.conditioning import Batch, Conditioning
-from diffdistill.models.discriminator import Discriminator
+from diffdistill.models.discriminator import Discriminator, feature_pass_cost
 from diffdistill.objectives import gan
 from diffdistill.objectives.base import LossOutput, Paper, PassCount, register_objective
 from diffdistill.objectives.common import (
@@ -38,6 +41,7 @@ from diffdistill.objectives.common import (
     backward_simulation,
     denoising_score_matching_loss,
     karras_index_sigmas,
+    weighted_denoising_error,
 )
 from diffdistill.objectives.dmd import DMD
 from diffdistill.schedules.karras import KarrasSchedule
@@ -88,6 +92,10 @@ class DMD2(DMD):
         r1_weight, r1_kind, r1_noise_std: R1 on noised real samples (``exact`` / ``approx``); 0 in the paper.
         backward_simulation: train a k-step student (``student.sampling_sigmas`` with k > 1 entries) on its own
             k'-step samples (§4.4); ``False`` trains every step from pure noise.
+        fuse_critic_passes: in the critic update, noise the generated samples once for the fake-score loss and the
+            discriminator, so one forward of the fake score gives its output and the taps (the real half is one
+            encoder pass). Each loss keeps its law; only their noise draws are shared, where DMD2's code draws
+            them apart (``False``: that form, one more encoder pass of the generated half).
         Others as in :class:`DMD` (``float64`` gradient always on).
     """
 
@@ -121,6 +129,7 @@ class DMD2(DMD):
         r1_kind: str = "exact",
         r1_noise_std: float = 0.1,
         backward_simulation: bool = True,
+        fuse_critic_passes: bool = True,
     ):
         super().__init__(
             teacher,
@@ -158,6 +167,7 @@ class DMD2(DMD):
         self.gan_k_max = max(0, int(gan_max_step_percent * len(self.sigmas)) - 1)
         self.r1_weight, self.r1_kind, self.r1_noise_std = float(r1_weight), r1_kind, float(r1_noise_std)
         self.backward_simulation = bool(backward_simulation)
+        self.fuse_critic_passes = bool(fuse_critic_passes)
         # real samples are read only by the discriminator's update
         self.requires_real_data = self.gan_discriminator_weight > 0 or self.r1_weight > 0
         # a k-step student trained by backward simulation samples in its k steps
@@ -205,6 +215,18 @@ class DMD2(DMD):
                 grad,
             )[0], cond
 
+    @property
+    def fuses_critic_passes(self) -> bool:
+        """Whether the critic update reads the fake-score loss and the generated half of the discriminator from
+        one forward of the fake score (``fuse_critic_passes``, when the heads read the fake score and both noise
+        levels follow the full grid, ``gan_max_step_percent = 1``)."""
+        return (
+            self.fuse_critic_passes
+            and self.feature_network is self.fake_score
+            and self.discriminator.needs_features
+            and self.gan_k_max == len(self.sigmas) - 1
+        )
+
     def gan_sigmas(self, n: int, device) -> Tensor:
         # (DMD2 §4.2) diffusion-GAN noise level: index k ~ U{0..T-1} of the ascending Karras grid
         return karras_index_sigmas(self.sigmas, n, 0, self.gan_k_max, device)
@@ -233,19 +255,33 @@ class DMD2(DMD):
             x, cond = self.generate_at(batch, step, grad=False)
         x = x.detach()
         n = x.shape[0]
-        # (DMD Eq. 6) fake-score denoising loss over the full sigma range
-        sigma = karras_index_sigmas(self.sigmas, n, 0, len(self.sigmas) - 1, x.device)
-        loss = denoising_score_matching_loss(self.fake_score, x, sigma, cond, self.fake_weighting)
-        logs = {"fake_dsm": float(loss.detach().mean())}
-        if self.gan_discriminator_weight > 0 or self.r1_weight > 0:
-            sigma_g = self.gan_sigmas(n, x.device)
+        gan_on = self.gan_discriminator_weight > 0 or self.r1_weight > 0
+        sigma_g = karras_index_sigmas(self.sigmas, n, 0, len(self.sigmas) - 1, x.device)
+        if gan_on and self.fuses_critic_passes:
+            # one noised x_t for the fake-score loss and the discriminator's generated half (their noise levels
+            # have one law, the full grid): one forward of the fake score gives its output and the taps
             x_fake_t, _ = add_noise(x, sigma_g)
+            x0_fake, taps = denoise_with_features(self.fake_score, x_fake_t, sigma_g, cond)
+            # (DMD Eq. 6) fake-score denoising loss over the full sigma range
+            loss = weighted_denoising_error(x0_fake, x, sigma_g, self.fake_score.sigma_data, self.fake_weighting)
             x_real_t, _ = add_noise(batch.x0.to(x.dtype), sigma_g)  # the same sigma for real and generated
-            # one feature pass over [generated; real]
-            both = self.logits(
-                torch.cat([x_fake_t, x_real_t]), torch.cat([sigma_g, sigma_g]), Conditioning.cat([cond, batch.cond])
+            l_fake, l_real = (
+                self.discriminator.logits(taps, x_fake_t, sigma_g),
+                self.logits(x_real_t, sigma_g, batch.cond),
             )
-            l_fake, l_real = both[:n], both[n:]
+        else:
+            # (DMD Eq. 6) fake-score denoising loss over the full sigma range
+            loss = denoising_score_matching_loss(self.fake_score, x, sigma_g, cond, self.fake_weighting)
+            if gan_on:  # independent noise for the GAN (DMD2's code): one feature pass over [generated; real]
+                sigma_g = self.gan_sigmas(n, x.device)
+                x_fake_t, _ = add_noise(x, sigma_g)
+                x_real_t, _ = add_noise(batch.x0.to(x.dtype), sigma_g)  # the same sigma for real and generated
+                both = self.logits(
+                    torch.cat([x_fake_t, x_real_t]), torch.cat([sigma_g, sigma_g]), Conditioning.cat([cond, batch.cond])
+                )
+                l_fake, l_real = both[:n], both[n:]
+        logs = {"fake_dsm": float(loss.detach().mean())}
+        if gan_on:
             # (DMD2 Eq. 5, discriminator side) softplus(D(fake)) + softplus(-D(real))
             d_loss = gan.discriminator_loss(l_real, l_fake, self.gan_loss)
             loss = loss + self.gan_discriminator_weight * d_loss
@@ -272,11 +308,11 @@ class DMD2(DMD):
         k = len(self.generator.sampling_sigmas) if self.backward_simulation else 1
         sim = (k - 1) / 2  # mean no-grad student calls before the one with a graph
         # one feature pass of the network the heads read, in whole forwards (a UNet stops after its mid block)
-        net = self.feature_network if self.discriminator.needs_features else None
-        costs = [float(m.feature_pass_cost) for m in net.modules() if hasattr(m, "feature_pass_cost")] if net else []
-        f = (costs[0] if costs else 1.0) if net is not None else 0.0
+        f = feature_pass_cost(self.feature_network, self.discriminator)
         gan_g = f if self.gan_generator_weight > 0 else 0.0
-        gan_d = 2.0 * f if (self.gan_discriminator_weight > 0 or self.r1_weight > 0) else 0.0  # [generated; real]
+        # [generated; real] features, or (fused) the real half alone: the generated half's taps come with the DSM pass
+        halves = 1.0 if self.fuses_critic_passes else 2.0
+        gan_d = halves * f if (self.gan_discriminator_weight > 0 or self.r1_weight > 0) else 0.0
         # R1: exact = the real half's graph once more and a double backward; approx = two real-half feature passes
         r1_fwd = (f if self.r1_kind == "exact" else 2.0 * f) if self.r1_weight > 0 else 0.0
         r1_bwd = 2.0 * f if self.r1_weight > 0 else 0.0

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch, Conditioning
+from diffdistill.models.discriminator import feature_pass_cost
 from diffdistill.objectives.base import LossOutput, Paper, PassCount, register_objective
 from diffdistill.objectives.dmd2 import DMD2
 from diffdistill.schedules.karras import KarrasSchedule
@@ -213,9 +214,7 @@ class FDistill(DMD2):
         base = super().pass_count()
         if self.divergence == "reverse_kl" and not self.ratio_normalization:
             return base
-        net = self.feature_network if self.discriminator.needs_features else None
-        costs = [float(m.feature_pass_cost) for m in net.modules() if hasattr(m, "feature_pass_cost")] if net else []
-        f = (costs[0] if costs else 1.0) if net is not None else 0.0
+        f = feature_pass_cost(self.feature_network, self.discriminator)
         r = self.update_schedule.critic_steps_per_generator_step
         return PassCount(base.forward + f / r, base.forward_grad, base.backward, base.jvp)
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch, Conditioning
-from diffdistill.models.discriminator import Discriminator
+from diffdistill.models.discriminator import Discriminator, feature_pass_cost
 from diffdistill.objectives import gan
 from diffdistill.objectives.base import LossOutput, Paper, PassCount, UpdateSchedule, register_objective
 from diffdistill.objectives.common import dsm_weight
@@ -260,8 +260,6 @@ class SiDA(SiD):
         """SiD's passes plus, with the GAN on (its steady state), one feature pass with a backward to the input in
         the generator update and one of ``[generated; real]`` (2B) with a backward in the critic update."""
         base = super().pass_count()
-        net = self.feature_network if self.discriminator.needs_features else None
-        costs = [float(m.feature_pass_cost) for m in net.modules() if hasattr(m, "feature_pass_cost")] if net else []
-        f = (costs[0] if costs else 1.0) if net is not None else 0.0
+        f = feature_pass_cost(self.feature_network, self.discriminator)
         extra = (f if self.gan_generator_weight > 0 else 0.0) + (2.0 * f if self.gan_discriminator_weight > 0 else 0.0)
         return PassCount(base.forward, base.forward_grad + extra, base.backward + extra)

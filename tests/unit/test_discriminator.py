@@ -149,3 +149,36 @@ def test_unet_features_stop_after_the_mid_block():
     assert len(calls) == 1 and len(taps) == len(full) == 3
     for a, b in zip(taps, full):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_denoise_with_features_is_one_forward_with_the_same_output_and_taps():
+    """One forward gives the denoiser's output and exactly the taps ``features`` returns (and the gradients of
+    both), on the UNet; the MLP backbone, whose taps come otherwise, falls back to two passes with equal results."""
+    from diffdistill.models.backbones import denoise_with_features
+
+    fake = unet_fake_score()
+    unet = fake.denoiser.net.unet
+    calls = []
+    unet.conv_in.register_forward_hook(lambda m, i, o: calls.append(1))
+    x, sigma = torch.randn(3, 1, 8, 8), torch.tensor([0.3, 1.0, 5.0])
+    out, taps = denoise_with_features(fake, x, sigma)
+    assert len(calls) == 1  # one pass through the network
+    torch.testing.assert_close(out, fake(x, sigma), rtol=0, atol=0)
+    ref = fake.features(x, sigma)
+    assert len(taps) == len(ref) == 3
+    for a, b in zip(taps, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the taps carry the graph of that forward: a loss on output and taps has the two passes' gradient
+    params = [p for p in fake.parameters() if p.requires_grad]
+    g1 = torch.autograd.grad((out**2).mean() + taps[-1].mean(), params)
+    g2 = torch.autograd.grad((fake(x, sigma) ** 2).mean() + fake.features(x, sigma)[-1].mean(), params)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not unet.down_blocks[0]._forward_hooks and not unet.mid_block._forward_hooks  # the hooks are gone
+    torch.manual_seed(0)
+    mlp = FakeScore(edm_mlp(dim=2, hidden=16, depth=2))
+    xm, sm = torch.randn(4, 2), torch.ones(4)
+    out_m, taps_m = denoise_with_features(mlp, xm, sm)
+    torch.testing.assert_close(out_m, mlp(xm, sm), rtol=0, atol=0)
+    for a, b in zip(taps_m, mlp.features(xm, sm)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -174,14 +174,19 @@ def test_bad_settings_name_their_key(tmp_path):
 
 def test_pass_count_counts_the_gan_passes(tmp_path):
     """On the tiny UNet at 5:1: the generator's GAN term adds a fake-score feature fwd+bwd every 5th iteration, the
-    discriminator one of [generated; real] (2B) every iteration; the toy's input-tap heads add none."""
+    discriminator one of the real half (fused) or of [generated; real] (2B) every iteration; the toy's input-tap
+    heads add none."""
     base = ["objective=dmd2", *TINY, f"run_dir={tmp_path}"]
     on = build_experiment(compose_train(base)).objective.pass_count()
     off_cfg = [*base, "objective.gan_generator_weight=0", "objective.gan_discriminator_weight=0"]
     off = build_experiment(compose_train(off_cfg)).objective.pass_count()
     f = 0.25  # UNetBackbone.feature_pass_cost: the features stop after the mid block
-    assert on.forward_grad - off.forward_grad == pytest.approx(f / 5 + 2 * f)
-    assert on.backward - off.backward == pytest.approx(f / 5 + 2 * f)
+    # fused (the default): the generated half's taps come with the fake-score loss's forward, the real half is one pass
+    assert on.forward_grad - off.forward_grad == pytest.approx(f / 5 + f)
+    assert on.backward - off.backward == pytest.approx(f / 5 + f)
+    apart = build_experiment(compose_train([*base, "objective.fuse_critic_passes=false"])).objective.pass_count()
+    assert apart.forward_grad - off.forward_grad == pytest.approx(f / 5 + 2 * f)
+    assert apart.backward - off.backward == pytest.approx(f / 5 + 2 * f)
     assert toy().pass_count() == toy(gan_generator_weight=0.0, gan_discriminator_weight=0.0).pass_count()
 
 
@@ -223,3 +228,54 @@ def test_toy_recipe_reaches_the_true_distribution(tmp_path):
     den = trainer.roles["generator"].denoiser
     assert float(den.a.abs().mean()) == pytest.approx(S, abs=0.02)
     assert float(den.b.mean()) == pytest.approx(MU, abs=0.02)
+
+
+def test_fused_critic_equals_its_two_pass_form_and_falls_back_where_it_cannot_fuse(tmp_path):
+    """``fuse_critic_passes``: one noised x_t for the fake-score loss and the generated half of D; the loss and its
+    gradients equal the same terms built from separate passes (a forward and a ``features`` call) on the same draws.
+    The fusion needs the heads on the fake score and the GAN's noise law equal to the fake-score loss's."""
+    from diffdistill.models.backbones import denoise_with_features
+    from diffdistill.objectives import gan
+    from diffdistill.objectives.common import add_noise, karras_index_sigmas, weighted_denoising_error
+
+    base = ["objective=dmd2", *TINY, f"run_dir={tmp_path}"]
+    exp = build_experiment(compose_train(base))
+    obj, fake, disc = exp.objective, exp.roles["fake_score"], exp.roles["discriminator"]
+    assert obj.fuses_critic_passes
+    n = 4
+    torch.manual_seed(3)
+    x = torch.randn(n, *exp.roles["generator"].sample_shape)
+    cond = Conditioning(class_labels=torch.arange(n) % 2)
+    x_real = torch.randn_like(x)
+    params = [p for m in (fake, disc) for p in m.parameters() if p.requires_grad]
+
+    batch = Batch(x_real, cond)
+    batch.scratch["dmd_generated"] = (x, cond)
+    torch.manual_seed(11)
+    out = obj.critic_loss(batch, 1)
+    g_fused = torch.autograd.grad(out.loss.mean(), params)
+
+    torch.manual_seed(11)  # the same draws, in the same order, through separate passes
+    sigma = karras_index_sigmas(obj.sigmas, n, 0, len(obj.sigmas) - 1, x.device)
+    x_t, _ = add_noise(x, sigma)
+    x_real_t, _ = add_noise(x_real, sigma)
+    dsm = weighted_denoising_error(fake(x_t, sigma, cond), x, sigma, fake.sigma_data, obj.fake_weighting)
+    d = gan.discriminator_loss(disc(fake, x_real_t, sigma, cond), disc(fake, x_t, sigma, cond), obj.gan_loss)
+    ref = dsm + obj.gan_discriminator_weight * d
+    torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=1e-7)
+    g_ref = torch.autograd.grad(ref.mean(), params)
+    scale = max(float(b.abs().max()) for b in g_ref)
+    for a, b in zip(g_fused, g_ref):  # equal up to the float rounding of a different batching
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * scale)
+    out2, taps = denoise_with_features(fake, x_t, sigma, cond)
+    assert len(taps) == len(fake.features(x_t, sigma, cond))
+
+    for extra in (
+        "objective.fuse_critic_passes=false",
+        "objective.gan_max_step_percent=0.5",
+        "objective.discriminator_heads.network=teacher",
+    ):
+        other = build_experiment(compose_train([*base, extra])).objective
+        assert not other.fuses_critic_passes, extra
+        loss = other.critic_loss(Batch(x_real, cond, scratch={"dmd_generated": (x, cond)}), 1).loss
+        assert loss.shape == (n,) and torch.isfinite(loss).all()

@@ -200,3 +200,17 @@ def test_backbone_config_builds_the_teacher(folders, option, kind, no_network):
     assert teacher.prompt_encoder.kind == kind and teacher.latent.scale_factor == 2
     assert teacher.denoiser.is_sdxl == (kind == "sdxl") and teacher.sample_shape == (4, 8, 8)
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_denoise_with_features_on_the_sd_adapter_is_one_pass(folders, no_network):
+    """The fused pass (DMD2's critic) gives the adapter's x0_hat and the same taps as ``features``."""
+    from diffdistill.models.backbones import denoise_with_features
+
+    den = sd_teacher(folders[("sd", "epsilon")]).denoiser
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 3.0])
+    out, taps = denoise_with_features(den, x, sigma)
+    torch.testing.assert_close(out, den(x, sigma), rtol=0, atol=0)
+    ref = den.features(x, sigma)
+    assert [t.shape for t in taps] == [t.shape for t in ref]
+    for a, b in zip(taps, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
