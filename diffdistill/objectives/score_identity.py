@@ -195,20 +195,24 @@ def fake_score_loss(
     sigma: Tensor | None = None,
     noise: Tensor | None = None,
     weighting: str = "edm",
+    x0_fake: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Per-sample ``lambda(sigma) sum ||f_psi(x_g + sigma n, sigma) - x_g||^2`` on detached samples, ``ln sigma ~
     N(P_mean, P_std^2)``, ``lambda = 1/sigma^2 + 1/sigma_d^2`` (SiD Eq. 9 with EDM's weighting; summed over the
     sample's elements as ``mingyuanzhou/SiD`` does). Samples with non-finite values count 0. ``guidance_scale``
     is SiD-LSG's kappa_1: the fake score's guided prediction is what it fits. ``sigma`` and ``noise`` given: those
     are used (SiDA noises its real samples with the same ones). ``weighting`` (:func:`diffdistill.objectives.common.
-    dsm_weight`): ``"eps"`` gives SiD-LSG's eps-MSE ``||eps_hat - eps||^2`` summed over elements.
+    dsm_weight`): ``"eps"`` gives SiD-LSG's eps-MSE ``||eps_hat - eps||^2`` summed over elements. ``x0_fake``: the
+    fake score's (guided) output at ``x_g + sigma noise``, already computed by the caller (with ``sigma`` and
+    ``noise``; SiDA reads the discriminator's taps from the same forward).
     """
     x_g = x_g.detach()
     if sigma is None:
         sigma = lognormal_sigmas(x_g.shape[0], P_mean, P_std, x_g.device)
     noise = torch.randn_like(x_g) if noise is None else noise
-    x_t = x_g + append_dims(sigma, x_g.ndim) * noise
-    x0_fake = guided_denoise(fake_score, x_t, sigma, cond, guidance_scale)
+    if x0_fake is None:
+        x_t = x_g + append_dims(sigma, x_g.ndim) * noise
+        x0_fake = guided_denoise(fake_score, x_t, sigma, cond, guidance_scale)
     keep = finite_samples(x_g, x0_fake)
     # (SiD Eq. 9) EDM-weighted denoising score matching on generator samples
     err = (keep_samples(x0_fake, keep) - keep_samples(x_g, keep)).pow(2).flatten(1).sum(1)

@@ -44,13 +44,14 @@ import torch
 from torch import Tensor, nn
 
 from diffdistill.conventions import append_dims
+from diffdistill.models.backbones import denoise_with_features
 from diffdistill.models.conditioning import Batch, Conditioning
 from diffdistill.models.discriminator import Discriminator, feature_pass_cost
 from diffdistill.objectives import gan
 from diffdistill.objectives.base import LossOutput, Paper, PassCount, UpdateSchedule, register_objective
 from diffdistill.objectives.common import dsm_weight
 from diffdistill.objectives.dmd2 import heads_spec
-from diffdistill.objectives.score_identity import fake_score_loss, finite_samples, generate
+from diffdistill.objectives.score_identity import fake_score_loss, finite_samples, generate, guidance_passes
 from diffdistill.objectives.sid import SiD
 
 
@@ -199,6 +200,16 @@ class SiDA(SiD):
     def logits(self, x_t: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         return self.discriminator(self.feature_network, x_t, sigma, cond)
 
+    @property
+    def fuses_critic_passes(self) -> bool:
+        """Whether the critic update reads the generated half's taps from the fake-score loss's own forward (the
+        same x_t: always, when the heads read the fake score's features and its loss is unguided)."""
+        return (
+            self.feature_network is self.fake_score
+            and self.discriminator.needs_features
+            and guidance_passes(self.fake_score, self.fake_train_guidance_scale) == 1
+        )
+
     def generator_loss(self, batch: Batch, step: int) -> LossOutput:
         out, p = self.generator_terms(batch, step)
         if not self.gan_active(step):
@@ -223,6 +234,12 @@ class SiDA(SiD):
         n = x_g.shape[0]
         sigma = self.fake_sigmas(n, x_g.device)
         noise = torch.randn_like(x_g)
+        # real and generated samples at the same sigma and noise (sida_loss.py)
+        s = append_dims(sigma, x_g.ndim)
+        x_fake_t, x_real_t = x_g.detach() + s * noise, batch.x0.to(x_g.dtype) + s * noise
+        x0_fake = None
+        if self.fuses_critic_passes:  # the fake-score loss's forward at x_fake_t also gives the generated half's taps
+            x0_fake, taps = denoise_with_features(self.fake_score, x_fake_t, sigma, batch.cond.without_negative())
         loss, logs = fake_score_loss(
             self.fake_score,
             x_g,
@@ -231,14 +248,15 @@ class SiDA(SiD):
             sigma=sigma,
             noise=noise,
             weighting=self.fake_weighting,
+            x0_fake=x0_fake,
         )
-        # real and generated samples at the same sigma and noise, through the feature network as one batch
-        s = append_dims(sigma, x_g.ndim)
-        x_fake_t, x_real_t = x_g.detach() + s * noise, batch.x0.to(x_g.dtype) + s * noise
-        both = self.logits(
-            torch.cat([x_fake_t, x_real_t]), torch.cat([sigma, sigma]), Conditioning.cat([batch.cond, batch.cond])
-        )
-        l_fake, l_real = both[:n], both[n:]
+        if self.fuses_critic_passes:
+            l_fake, l_real = self.discriminator.logits(taps, x_fake_t, sigma), self.logits(x_real_t, sigma, batch.cond)
+        else:  # through the feature network as one batch
+            both = self.logits(
+                torch.cat([x_fake_t, x_real_t]), torch.cat([sigma, sigma]), Conditioning.cat([batch.cond, batch.cond])
+            )
+            l_fake, l_real = both[:n], both[n:]
         keep = finite_samples(x_g, l_fake, l_real)
         # (SiDA discriminator loss; sida_loss.py fakescore_discriminator_share_encoder_loss)
         # lambda(sigma) 1/2 [BCE(D(real), 1) + BCE(D(fake), 0)]
@@ -261,5 +279,8 @@ class SiDA(SiD):
         the generator update and one of ``[generated; real]`` (2B) with a backward in the critic update."""
         base = super().pass_count()
         f = feature_pass_cost(self.feature_network, self.discriminator)
-        extra = (f if self.gan_generator_weight > 0 else 0.0) + (2.0 * f if self.gan_discriminator_weight > 0 else 0.0)
+        halves = 1.0 if self.fuses_critic_passes else 2.0  # fused: the generated half's taps come with the DSM pass
+        extra = (f if self.gan_generator_weight > 0 else 0.0) + (
+            halves * f if self.gan_discriminator_weight > 0 else 0.0
+        )
         return PassCount(base.forward, base.forward_grad + extra, base.backward + extra)

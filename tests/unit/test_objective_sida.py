@@ -157,7 +157,8 @@ def test_generator_update_goes_through_the_frozen_fake_score_and_heads_train_onl
 
     def spy(x, sigma, cond=None):
         out = features(x, sigma, cond)
-        seen.append((x.requires_grad, out[-1].requires_grad, any(p.requires_grad for p in fake.parameters())))
+        if out:  # (empty while a fused forward fills it: the critic's generated half)
+            seen.append((x.requires_grad, out[-1].requires_grad, any(p.requires_grad for p in fake.parameters())))
         return out
 
     fake.features = spy
@@ -195,11 +196,45 @@ def test_without_the_gan_term_the_first_generator_update_is_zero(tmp_path):
 
 def test_pass_count_adds_the_feature_passes(tmp_path):
     """Tiny UNet (features stop after the mid block: 0.25 of a forward): one feature pass in the generator update
-    and one of [generated; real] in the critic update, each with a backward."""
+    and one of the real half in the critic update (the generated half's taps come with the fake-score loss's
+    forward), each with a backward."""
     base = ["objective=sida", *TINY, f"run_dir={tmp_path}"]
     on = build_experiment(compose_train(base)).objective.pass_count()
     off = ["objective.gan_generator_weight=0", "objective.gan_discriminator_weight=0"]
     sid = build_experiment(compose_train([*base, *off])).objective.pass_count()
-    assert on.forward_grad - sid.forward_grad == pytest.approx(0.25 + 0.5)
-    assert on.backward - sid.backward == pytest.approx(0.25 + 0.5)
+    assert on.forward_grad - sid.forward_grad == pytest.approx(0.25 + 0.25)
+    assert on.backward - sid.backward == pytest.approx(0.25 + 0.25)
     assert on.forward == sid.forward
+
+
+def test_critic_on_the_unet_reads_the_generated_taps_from_the_fake_score_loss_forward(tmp_path):
+    """On the tiny UNet the critic update takes the generated half's taps from the fake-score loss's own forward:
+    loss and gradients equal the separate passes (a forward, then features of [generated; real]) on the same draws."""
+    from diffdistill.objectives.score_identity import generate
+
+    exp = build_experiment(compose_train(["objective=sida", *TINY, f"run_dir={tmp_path}"]))
+    obj, fake, disc = exp.objective, exp.roles["fake_score"], exp.roles["discriminator"]
+    assert obj.fuses_critic_passes
+    n = 4
+    cond = Conditioning(class_labels=torch.arange(n) % 2)
+    batch = Batch(torch.randn(n, *exp.roles["generator"].sample_shape), cond)
+    params = [p for m in (fake, disc) for p in m.parameters() if p.requires_grad]
+    torch.manual_seed(5)
+    out = obj.critic_loss(batch, 10**9)
+    g_fused = torch.autograd.grad(out.loss.mean(), params)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        x_g, _ = generate(obj.generator, batch, obj.num_steps, grad=False)
+    sigma = obj.fake_sigmas(n, x_g.device)
+    noise = torch.randn_like(x_g)
+    s = sigma[:, None, None, None]
+    x_fake_t, x_real_t = x_g + s * noise, batch.x0 + s * noise
+    lam = edm_loss_weight(sigma, float(fake.sigma_data))
+    dsm = lam * (fake(x_fake_t, sigma, cond) - x_g).pow(2).flatten(1).sum(1)
+    l_fake, l_real = disc(fake, x_fake_t, sigma, cond).mean(1), disc(fake, x_real_t, sigma, cond).mean(1)
+    ref = dsm + obj.gan_discriminator_weight * 0.5 * lam * (F.softplus(-l_real) + F.softplus(l_fake))
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    g_ref = torch.autograd.grad(ref.mean(), params)
+    scale = max(float(g.abs().max()) for g in g_ref)
+    for a, b in zip(g_fused, g_ref):  # equal up to the float rounding of a different batching
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * scale)
