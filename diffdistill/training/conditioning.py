@@ -74,11 +74,15 @@ def to_latents(x0: torch.Tensor, teacher: nn.Module) -> torch.Tensor:
     return codec.encode(x0).to(x0.dtype)
 
 
-def prepare_batch(batch: Batch, teacher: nn.Module) -> Batch:
+def prepare_batch(batch: Batch, teacher: nn.Module, real_samples: bool = True) -> Batch:
     """``batch`` as the networks take it: its prompts encoded into ``cond.prompt_embeds`` /
     ``pooled_prompt_embeds`` (class labels dropped for a teacher without classes), its pixel ``x0`` encoded into
     the teacher's latent space. The captions stay on the batch (``prompts``) for logging and evaluation; a
-    class-conditional teacher without a text encoder ignores the captions of labelled data."""
+    class-conditional teacher without a text encoder ignores the captions of labelled data.
+
+    ``real_samples=False`` (the objective reads no real samples: ``Objective.requires_real_data`` of a data-free
+    objective such as DMD, SiD, SIM or VSD): pixel images that only the VAE could turn into latents are dropped
+    instead of encoded, when the prompts or labels still give the batch size."""
     x0, cond = batch.x0, batch.cond
     labelled = cond.class_labels is not None and getattr(teacher, "num_classes", None) is not None
     if batch.prompts is not None and (prompt_encoder_of(teacher) is not None or not labelled):
@@ -88,7 +92,11 @@ def prepare_batch(batch: Batch, teacher: nn.Module) -> Batch:
             cond, class_labels=labels, prompt_embeds=enc.prompt_embeds, pooled_prompt_embeds=enc.pooled_prompt_embeds
         )
     if x0 is not None and latent_codec_of(teacher) is not None:
-        x0 = to_latents(x0, teacher)
+        sized = cond.batch_size == x0.shape[0] or len(batch.prompts or []) == x0.shape[0]
+        if not real_samples and sized and tuple(x0.shape[1:]) != tuple(teacher.sample_shape):
+            x0 = None  # a VAE encode whose result no loss reads
+        else:
+            x0 = to_latents(x0, teacher)
     if x0 is batch.x0 and cond is batch.cond:
         return batch
     return Batch(x0, cond, batch.prompts, batch.scratch)

@@ -579,8 +579,10 @@ class DistillTrainer:
     def _micro_batches(self) -> list[tuple[int, Batch]]:
         """This process's micro-batches of the iteration, each with its virtual rank ``v`` (its slice of the
         global batch and its seeds; see diffdistill/utils/distributed.py), prompts encoded and pixels turned into
-        the teacher's latents (:func:`~diffdistill.training.conditioning.prepare_batch`)."""
-        return [(v, prepare_batch(b, self.teacher)) for v, b in self.data.next()]
+        the teacher's latents (:func:`~diffdistill.training.conditioning.prepare_batch`; images a data-free
+        objective never reads are not encoded)."""
+        real = bool(self.objective.requires_real_data)
+        return [(v, prepare_batch(b, self.teacher, real_samples=real)) for v, b in self.data.next()]
 
     def _update(self, names: tuple[str, ...], kind: str, loss_fn, micro: list[tuple[int, Batch]]) -> dict | None:
         """One optimiser step of ``names``: the loss of every micro-batch, each seeded by its virtual rank,

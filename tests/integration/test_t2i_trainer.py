@@ -103,9 +103,14 @@ def test_t2i_run_trains_and_writes_a_prompt_grid(tmp_path, t2i, objective, data)
     png = tmp_path / "samples" / "step0000003.png"
     with Image.open(png) as img:  # decoded 16 px images, one column per prompt
         assert img.width == _grid_width(min(len(grid), 8))
-    # the micro-batches the objective saw: prompt embeddings of the teacher's encoder, latents of its VAE
+    # the micro-batches the objective saw: prompt embeddings of the teacher's encoder, latents of its VAE; DMD
+    # (data-free) gets no VAE encode of images it never reads
     (_, batch), *_ = trainer._micro_batches()
     assert batch.x0 is None or batch.x0.shape[1:] == (4, 8, 8)
+    if (objective, data) == ("dmd", "pixels"):
+        assert batch.x0 is None
+    if objective == "lcm":
+        assert batch.x0 is not None
     ref = trainer.teacher.prompt_encoder.encode(batch.prompts).prompt_embeds
     assert torch.equal(batch.cond.prompt_embeds, ref)
 

@@ -185,6 +185,18 @@ def test_prepare_batch_uses_the_teachers_encoder_and_vae(sd_parts):
     assert free.x0 is None and free.batch_size == 3 and free.cond.prompt_embeds.shape[0] == 3
     with pytest.raises(ValueError, match="neither the teacher's latent shape"):
         prepare_batch(Batch(torch.zeros(2, 3, 12, 12)), teacher)
+    # a data-free objective: the images are not encoded (no VAE call), the prompts still are
+    calls = []
+    hook = codec.vae.encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        unused = prepare_batch(Batch(x, Conditioning(), prompts=prompts), teacher, real_samples=False)
+        assert unused.x0 is None and unused.batch_size == 3 and not calls
+        assert torch.equal(unused.cond.prompt_embeds, ref.prompt_embeds)
+        assert prepare_batch(Batch(lat, Conditioning(), prompts=prompts), teacher, real_samples=False).x0 is lat
+        prepare_batch(Batch(x, Conditioning(), prompts=prompts), teacher)
+        assert calls  # the same batch for an objective that reads x0: encoded
+    finally:
+        hook.remove()
 
 
 def test_prepare_batch_without_a_text_encoder():
