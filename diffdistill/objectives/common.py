@@ -157,3 +157,22 @@ def data_noise_scale(teacher, generator=None, match: bool = True) -> float:
     source = teacher if getattr(teacher, "sigma_data", None) is not None else generator
     sigma_data = getattr(source, "sigma_data", None)
     return noise_scale(sigma_data, match) if match and sigma_data is not None else 1.0
+
+
+def discrete_sigma_range(model) -> tuple[float, float] | None:
+    """``(sigma_min, sigma_max)`` of a discrete-time (DDPM) network, whose timesteps end there (an SD UNet:
+    [0.029, 14.6]); ``None`` for continuous-time networks (EDM, flow), which take any ``sigma > 0``."""
+    from diffdistill.models.consistency import discrete_vp_schedule
+
+    schedule = discrete_vp_schedule(model)
+    if schedule is None:
+        return None
+    sigmas = schedule.sigmas.double()
+    return float(sigmas.min()), float(sigmas.max())
+
+
+def clamp_sigma(sigma: Tensor, sigma_range: tuple[float, float] | None) -> Tensor:
+    """``sigma`` inside ``sigma_range`` (:func:`discrete_sigma_range`; ``None``: unchanged). The log-normal
+    densities of EDM, ECT and sCM put mass beyond a DDPM network's last timestep, where its adapter would clamp the
+    timestep but not the noise level; clamping the noise level keeps input and timestep consistent."""
+    return sigma if sigma_range is None else sigma.clamp(*sigma_range)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
-from diffdistill.objectives.common import data_noise_scale, pseudo_huber
+from diffdistill.objectives.common import clamp_sigma, data_noise_scale, discrete_sigma_range, pseudo_huber
 from diffdistill.objectives.consistency import (
     ConsistencyDistillation,
     RNGState,
@@ -205,6 +205,7 @@ class ECT(Objective):
         self.generator, self.teacher = generator, teacher
         self.noise_scale = data_noise_scale(teacher, generator, match_sigma_data)
         self.P_mean, self.P_std = float(P_mean) + math.log(self.noise_scale), float(P_std)
+        self.sigma_range = discrete_sigma_range(generator)
         self.q, self.k, self.b, self.mapping = float(q), float(k), float(b), mapping
         self.double_every, self.huber_c, self.weighting = int(double_every), float(huber_c), weighting
 
@@ -223,6 +224,7 @@ class ECT(Objective):
             raise ValueError("ECT needs real samples (Batch.x0)")
         B = y.shape[0]
         t = (self.P_mean + self.P_std * torch.randn(B, device=y.device)).exp()
+        t = clamp_sigma(t, self.sigma_range)  # a DDPM network's timesteps end at its sigma range
         r = self.r_of_t(t, step)
         eps = torch.randn_like(y)  # the same eps for both points
         rng = RNGState(y.device)

@@ -27,7 +27,7 @@ from diffdistill.models.conditioning import Batch
 from diffdistill.models.consistency import AdaptiveWeight, trigflow_F
 from diffdistill.models.teacher import can_guide
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
-from diffdistill.objectives.common import data_noise_scale, per_sample_mean
+from diffdistill.objectives.common import clamp_sigma, data_noise_scale, discrete_sigma_range, per_sample_mean
 from diffdistill.objectives.consistency import RNGState
 
 JVP_BACKENDS = ("autograd", "finite_difference")
@@ -184,6 +184,7 @@ class SCM(Objective):
         self.teacher, self.generator, self.mode = teacher, generator, mode
         c = data_noise_scale(teacher, generator, match_sigma_data)
         self.P_mean, self.P_std, self.guidance_scale = float(P_mean) + math.log(c), float(P_std), guidance_scale
+        self.sigma_range = discrete_sigma_range(generator)
         self.jvp_backend, self.fd_step, self.jvp_fp32 = jvp_backend, float(fd_step), bool(jvp_fp32)
         self.tangent_warmup_steps, self.warmup_variant = int(tangent_warmup_steps), warmup_variant
         self.tangent_norm_c, self.tangent_norm = float(tangent_norm_c), tangent_norm
@@ -211,7 +212,8 @@ class SCM(Objective):
 
     def sample_t(self, batch_size: int, device) -> Tensor:
         tau = self.P_mean + self.P_std * torch.randn(batch_size, device=device)
-        return torch.atan(tau.exp() / self.sigma_data)
+        # sigma = e^tau = sigma_d tan t; a DDPM network's timesteps end at its sigma range
+        return torch.atan(clamp_sigma(tau.exp(), self.sigma_range) / self.sigma_data)
 
     def generator_loss(self, batch: Batch, step: int) -> LossOutput:
         x0, cond = batch.x0, batch.cond

@@ -149,3 +149,30 @@ def test_lcm_objective_on_sd_teacher_uses_its_timesteps(teachers):
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     out = obj.generator_loss(Batch(x0, cond), 0)
     assert out.loss.shape == (2,) and torch.isfinite(out.loss).all()
+
+
+def test_lognormal_noise_levels_stay_inside_a_ddpm_students_range(teachers):
+    """ECT's and sCM's log-normal sigmas (P_std 2.0 / 1.4 reach far past SD's [0.029, 14.6]) are clamped to a DDPM
+    student's range, so its timestep and input noise agree; an EDM student's draws are the paper's, unchanged."""
+    from diffdistill.objectives.ect import ECT
+    from diffdistill.objectives.scm import SCM
+
+    teacher = teachers["epsilon"]
+    sched = discrete_vp_schedule(teacher)
+    lo, hi = float(sched.sigmas.min()), float(sched.sigmas.max())
+    gen = Generator(copy.deepcopy(teacher.denoiser), teacher.sigma_max)
+    for obj in (SCM(None, gen, mode="sct", adaptive_weighting=False), ECT(gen)):
+        assert obj.sigma_range == pytest.approx((lo, hi))
+    scm = SCM(None, gen, mode="sct", adaptive_weighting=False)
+    torch.manual_seed(0)
+    sigma = scm.sigma_data * torch.tan(scm.sample_t(4000, "cpu"))
+    assert float(sigma.min()) >= lo * (1 - 1e-5) and float(sigma.max()) <= hi * (1 + 1e-5)
+    assert (sigma > hi * 0.999).any() and (sigma < lo * 1.001).any()  # the law does reach both ends
+    edm = Generator(EDMDenoiser(tiny_unet2d()), 80.0)
+    plain = SCM(None, edm, mode="sct", adaptive_weighting=False)
+    assert plain.sigma_range is None
+    torch.manual_seed(0)
+    t = plain.sample_t(4000, "cpu")
+    torch.manual_seed(0)
+    tau = plain.P_mean + plain.P_std * torch.randn(4000)
+    torch.testing.assert_close(t, torch.atan(tau.exp() / plain.sigma_data), rtol=0, atol=0)
