@@ -79,9 +79,9 @@ NOTES: dict[str, str] = {
     "critic reuses the generator's samples of the same iteration; no GAN term",
     "ict": "consistency training: student fwd+bwd + stop-grad target fwd; teacher unused",
     "dmd2": "DMD2 5:1 with the GAN term, per iteration over a 5-iteration cycle: 1 generator step (G fwd+bwd, teacher "
-    "+ fake fwd without grad, fake-score features fwd+bwd to the input for the GAN term) and 5 critic steps (fake "
-    "fwd+bwd DSM, fake-score features of [generated; real] at 2B fwd+bwd; 4 of them regenerate G without grad). "
-    "UNet features run the whole network (the decoder too), so the GAN passes cost full forwards",
+    "+ fake fwd without grad, fake-score features fwd+bwd to the input for the GAN term) and 5 critic steps (one fake "
+    "fwd+bwd gives the DSM loss and the generated half's taps, fuse_critic_passes; the real half's features fwd+bwd; "
+    "4 of them regenerate G without grad). UNet features stop after the mid block",
     "rcm": "rCM after its warm-up, per iteration over a 5-iteration cycle: 1 student step (sCD term with autograd "
     "JVP + score regulariser on a backward-simulated sample of 1-4 student calls) and 4 critic steps (backward "
     "simulation without grad + fake fwd+bwd); the number of student calls cycles with the iteration",
@@ -92,7 +92,8 @@ NOTES: dict[str, str] = {
     "sim": "SIM 1:1: generator step = G fwd+bwd, teacher fwd with a graph + its VJP, fake fwd without graph (y is "
     "detached); fake step as SiD",
     "sida": "SiDA 1:1 with the GAN term on: SiD's passes + fake-score features fwd+bwd to the input (generator step) "
-    "and fake-score features of [generated; real] at 2B fwd+bwd (critic step, same sigma and noise as the fake loss)",
+    "and the real half's features fwd+bwd (critic step; the generated half's taps come with the fake loss's forward "
+    "at the same sigma and noise)",
 }
 # Extra named configurations per network: (label, objective, overrides).
 VARIANTS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
