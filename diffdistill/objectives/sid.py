@@ -30,7 +30,7 @@ from torch import Tensor
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
-from diffdistill.objectives.common import check_weighting
+from diffdistill.objectives.common import check_weighting, data_noise_scale
 from diffdistill.objectives.score_identity import (
     SIGMA_SAMPLINGS,
     check_ddpm_range,
@@ -75,13 +75,23 @@ def sid_normaliser(x_g: Tensor, x0_real: Tensor) -> Tensor:
     return (x_g - x0_real).detach().abs().flatten(1).mean(1).clamp(min=1e-5)
 
 
-def check_sigma_init(generator, objective: str) -> None:
-    """Warn when the student's one-step input noise is far from SiD's 2.5 (the default student's is EDM's 80)."""
-    s = float(getattr(generator, "sigma_init", SID_SIGMA_INIT))
-    if abs(math.log(s / SID_SIGMA_INIT)) > math.log(4.0):
+def check_sigma_init(
+    generator,
+    objective: str,
+    c: float = 1.0,
+    paper: float = SID_SIGMA_INIT,
+    who: str = "SiD's",
+    cite: str = "Zhou et al. 2024",
+) -> None:
+    """Warn when the student's one-step input noise is far from the paper's (SiD: 2.5; the default student's is
+    EDM's 80), carried to the data's scale: ``c paper`` with ``c = sigma_data / 0.5``."""
+    s = float(getattr(generator, "sigma_init", paper * c))
+    want = paper * c
+    if abs(math.log(s / want)) > math.log(4.0):
+        scaled = "" if c == 1.0 else f" (the paper's {paper:g} for sigma_data = 0.5, times sigma_data / 0.5 = {c:.3g})"
         warnings.warn(
-            f"{objective}: student.sigma_init={s:g}, but SiD's generator maps noise at sigma_init = 2.5 "
-            "(Zhou et al. 2024); set student.sigma_init=2.5 (the shipped sid/sim experiments do)",
+            f"{objective}: student.sigma_init={s:g}, but {who} generator maps noise at sigma_init = {round(want, 3)}"
+            f"{scaled} ({cite}); set student.sigma_init={round(want, 3)} (the shipped experiments do)",
             stacklevel=3,
         )
 
@@ -99,7 +109,8 @@ class SiD(Objective):
         t_max: the largest noise level of the generator loss on the 1000-step Karras ramp (800 -> sigma <= 24.41);
             with ``sigma_sampling="ddpm"`` the exclusive upper DDPM timestep (SiD-LSG: 980).
         rho: the Karras ramp exponent.
-        P_mean, P_std: the log-normal noise levels of the fake-score loss (EDM's -1.2, 1.2).
+        P_mean, P_std: the log-normal noise levels of the fake-score loss (EDM's -1.2, 1.2), stated for
+            ``sigma_data = 0.5``: ``P_mean + ln(sigma_data / 0.5)`` is used (``match_sigma_data``; exact at 0.5).
         real_guidance_scale: CFG of the teacher in the generator loss (LSG kappa_4; ``None`` = the teacher's own).
         fake_guidance_scale: CFG of the fake score in the generator loss (LSG kappa_2 = kappa_3; 1 = none).
         fake_train_guidance_scale: CFG of the fake score in its own loss (LSG kappa_1; 1 = none).
@@ -118,6 +129,9 @@ class SiD(Objective):
         t_min: the smallest DDPM timestep of ``sigma_sampling="ddpm"`` (SiD-LSG: 20; unused with ``karras``).
         fake_weighting: ``lambda(sigma)`` of the fake-score loss: ``"edm"`` (``1/sigma^2 + 1/sigma_d^2``, SiD),
             ``"eps"`` (``1/sigma^2``: SiD-LSG's eps-MSE) or ``"none"``.
+        match_sigma_data: shift ``P_mean`` by ``ln(sigma_data / 0.5)`` of the teacher (and expect
+            ``student.sigma_init`` at ``2.5 sigma_data / 0.5``), as rescaling the data to 0.5 would; the generator
+            loss's Karras ramp already spans the teacher's own sigma range.
     """
 
     name = "sid"
@@ -151,6 +165,7 @@ class SiD(Objective):
         sigma_sampling: str = "karras",
         t_min: int = 20,
         fake_weighting: str = "edm",
+        match_sigma_data: bool = True,
     ):
         if sigma_sampling not in SIGMA_SAMPLINGS:
             raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {sigma_sampling!r}")
@@ -166,10 +181,12 @@ class SiD(Objective):
         if not generator_loss_scale > 0:
             raise ValueError(f"generator_loss_scale must be > 0, got {generator_loss_scale}")
         check_num_steps(generator, num_steps)
-        check_sigma_init(generator, self.name)
+        # the papers' noise levels are stated for sigma_data = 0.5: carried to the teacher's data by c
+        c = data_noise_scale(teacher, generator, match_sigma_data)
+        check_sigma_init(generator, self.name, c)
         self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
         self.alpha, self.t_max, self.rho = float(alpha), float(t_max), float(rho)
-        self.P_mean, self.P_std = float(P_mean), float(P_std)
+        self.P_mean, self.P_std = float(P_mean) + math.log(c), float(P_std)
         self.real_guidance_scale = real_guidance_scale
         self.fake_guidance_scale = float(fake_guidance_scale)
         self.fake_train_guidance_scale = float(fake_train_guidance_scale)

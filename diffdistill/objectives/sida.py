@@ -136,6 +136,7 @@ class SiDA(SiD):
         sigma_sampling: str = "karras",
         t_min: int = 20,
         fake_weighting: str = "edm",
+        match_sigma_data: bool = True,
     ):
         super().__init__(
             teacher,
@@ -157,6 +158,7 @@ class SiDA(SiD):
             sigma_sampling=sigma_sampling,
             t_min=t_min,
             fake_weighting=fake_weighting,
+            match_sigma_data=match_sigma_data,
         )
         for key, w in (
             ("sid_weight", sid_weight),

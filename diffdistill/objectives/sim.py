@@ -26,6 +26,7 @@ from torch import Tensor
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
+from diffdistill.objectives.common import data_noise_scale
 from diffdistill.objectives.score_identity import (
     check_num_steps,
     fake_score_loss,
@@ -74,12 +75,14 @@ class SIM(Objective):
         fake_score: trainable denoiser initialised from the teacher.
         c: pseudo-Huber constant in data units (``None`` = ``0.00054 sqrt(D)``; ``0`` = the unit vector ``y/|y|``).
         t_max, rho: the truncated Karras noise levels of the generator loss (as SiD).
-        P_mean, P_std: log-normal noise levels of the fake-score loss.
+        P_mean, P_std: log-normal noise levels of the fake-score loss (SiD's -1.2, 1.2 for ``sigma_data = 0.5``;
+            ``P_mean + ln(sigma_data / 0.5)`` is used with ``match_sigma_data``).
         real_guidance_scale: CFG of the teacher (``None`` = the teacher's own).
         fake_guidance_scale: CFG of the fake score in ``y`` (1 = none).
         fake_train_guidance_scale: CFG of the fake score in its own loss (1 = none).
         num_steps: student steps (``> 1``: a k-step student trained on a random step's output, as few-step SiD).
         checkpoint_scores: activation checkpointing of the teacher forward of the generator loss.
+        match_sigma_data: carry SiD's noise levels to the teacher's ``sigma_data`` (as :class:`SiD`).
     """
 
     name = "sim"
@@ -102,6 +105,7 @@ class SIM(Objective):
         fake_train_guidance_scale: float = 1.0,
         num_steps: int = 1,
         checkpoint_scores: bool = False,
+        match_sigma_data: bool = True,
     ):
         if c is not None and not c >= 0:
             raise ValueError(f"c must be >= 0 or null, got {c}")
@@ -110,11 +114,13 @@ class SIM(Objective):
         if not P_std > 0:
             raise ValueError(f"P_std must be > 0, got {P_std}")
         check_num_steps(generator, num_steps)
-        check_sigma_init(generator, self.name)
+        scale = data_noise_scale(teacher, generator, match_sigma_data)  # SiD's noise levels, at the data's sigma_data
+        check_sigma_init(generator, self.name, scale)
         self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
         D = math.prod(generator.sample_shape)
         self.c = float(ICT_HUBER_C * math.sqrt(D) if c is None else c)
-        self.t_max, self.rho, self.P_mean, self.P_std = float(t_max), float(rho), float(P_mean), float(P_std)
+        self.t_max, self.rho = float(t_max), float(rho)
+        self.P_mean, self.P_std = float(P_mean) + math.log(scale), float(P_std)
         self.real_guidance_scale = real_guidance_scale
         self.fake_guidance_scale = float(fake_guidance_scale)
         self.fake_train_guidance_scale = float(fake_train_guidance_scale)

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -26,7 +25,9 @@ from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Conditioning
 from diffdistill.models.generator import FakeScore
 from diffdistill.objectives.base import Paper, register_objective
+from diffdistill.objectives.common import data_noise_scale
 from diffdistill.objectives.dmd import DMD, dmd_gradient
+from diffdistill.objectives.sid import check_sigma_init
 from diffdistill.schedules.karras import KarrasSchedule
 
 VSD_WEIGHTINGS = ("vp", "unit", "dmd")
@@ -176,7 +177,9 @@ class DiffInstruct(DMD):
 
     Args:
         teacher, generator, fake_score: as in :class:`DMD` (the fake score a full copy of the teacher).
-        P_mean, P_std: ``ln sigma ~ N(P_mean, P_std^2)`` for both losses (official code: -1.2, 1.2).
+        P_mean, P_std: ``ln sigma ~ N(P_mean, P_std^2)`` for both losses (official code: -1.2, 1.2, for
+            ``sigma_data = 0.5``; ``P_mean + ln(sigma_data / 0.5)`` with ``match_sigma_data``, exact at 0.5).
+        match_sigma_data: carry ``P_mean`` and the expected ``student.sigma_init`` (1) to the teacher's data.
         real_guidance_scale, fake_weighting, critic_steps_per_generator_step, generator_warmup_steps: as in
             :class:`DMD` (1:1 alternation).
     """
@@ -200,16 +203,12 @@ class DiffInstruct(DMD):
         fake_weighting: str = "edm",
         critic_steps_per_generator_step: int = 1,
         generator_warmup_steps: int = 0,
+        match_sigma_data: bool = True,
     ):
         if not P_std > 0:
             raise ValueError(f"objective.P_std must be > 0, got {P_std}")
-        s = float(getattr(generator, "sigma_init", DI_SIGMA_INIT))
-        if abs(math.log(s / DI_SIGMA_INIT)) > math.log(4.0):
-            warnings.warn(
-                f"diff_instruct: student.sigma_init={s:g}, but Diff-Instruct's generator maps noise at sigma_init = 1 "
-                "(Luo et al. 2023); set student.sigma_init=1.0 (the shipped diff_instruct experiments do)",
-                stacklevel=2,
-            )
+        c = data_noise_scale(teacher, generator, match_sigma_data)  # the paper's noise levels at the data's scale
+        check_sigma_init(generator, self.name, c, DI_SIGMA_INIT, "Diff-Instruct's", "Luo et al. 2023")
         super().__init__(
             teacher,
             generator,
@@ -221,7 +220,7 @@ class DiffInstruct(DMD):
             generator_warmup_steps=generator_warmup_steps,
             normalize=False,
         )
-        self.P_mean, self.P_std = float(P_mean), float(P_std)
+        self.P_mean, self.P_std = float(P_mean) + math.log(c), float(P_std)
 
     def dm_sigmas(self, n: int, device) -> Tensor:
         # (Diff-Instruct, di_loss.py) sigma = exp(P_mean + P_std xi), as in EDM training

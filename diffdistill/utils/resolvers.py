@@ -7,6 +7,9 @@ to read it; other data (images scaled to ``[-1, 1]``) give the papers' 0.5 witho
 
 ``${dd.num_classes:${data}}``: the number of classes of such a dataset (``None`` when unconditional).
 
+``${dd.data_sigma:2.5,${data}}``: a paper's noise level, stated for ``sigma_data = 0.5``, carried to the dataset's
+``sigma_data`` (``2.5 sigma_data / 0.5``): what rescaling the data to 0.5 would give (SiD's ``sigma_init`` on a toy).
+
 ``${dd.sd_sigmas:999,499}``: the EDM sigmas of DDPM timesteps under Stable Diffusion's training schedule
 (``scaled_linear``, betas 0.00085..0.012, 1000 steps: SD 1.x / 2.x, SDXL), exactly, so that papers' timestep lists
 (DMD2's 999/749/499/249) become ``student.sampling_sigmas`` that export to ``LCMScheduler`` timesteps unchanged.
@@ -37,6 +40,11 @@ def _toy_dataset(node: DictConfig, what: str):
     return instantiate(node) if isinstance(getattr(cls, "sigma_data", None), property) else None
 
 
+def data_sigma(sigma: float, node: DictConfig) -> float:
+    """``sigma`` (a paper's, for ``sigma_data = 0.5``) times ``sigma_data / 0.5`` of the dataset ``node`` builds."""
+    return round(float(sigma) * data_sigma_data(node) / PAPER_SIGMA_DATA, 6)
+
+
 def data_num_classes(node: DictConfig) -> int | None:
     """Classes of the toy dataset ``node`` builds (``None``: unconditional); other data: ``node.num_classes``."""
     ds = _toy_dataset(node, "num_classes")
@@ -60,6 +68,8 @@ def sd_sigmas(*timesteps: int) -> list[float] | float:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("dd.sigma_data"):
         OmegaConf.register_new_resolver("dd.sigma_data", data_sigma_data, use_cache=False)
+    if not OmegaConf.has_resolver("dd.data_sigma"):
+        OmegaConf.register_new_resolver("dd.data_sigma", data_sigma, use_cache=False)
     if not OmegaConf.has_resolver("dd.num_classes"):
         OmegaConf.register_new_resolver("dd.num_classes", data_num_classes, use_cache=False)
     if not OmegaConf.has_resolver("dd.sd_sigmas"):

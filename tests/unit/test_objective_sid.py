@@ -312,9 +312,12 @@ def test_activation_checkpointing_gives_the_same_gradient(tmp_path):
 def test_sigma_init_far_from_the_papers_warns():
     teacher = Teacher(GaussianDenoiser(torch.full((D,), MU), torch.full((D,), S)))
     fake = FakeScore(GaussianDenoiser(torch.zeros(D), torch.ones(D), trainable=True))
-    with pytest.warns(UserWarning, match="sigma_init=2.5") as record:
+    want = round(2.5 * teacher.sigma_data / 0.5, 3)  # SiD's 2.5 at sigma_data 0.5, carried to this teacher's data
+    with pytest.warns(UserWarning, match=f"set student.sigma_init={want}") as record:
         SiD(teacher, Generator(AffineDenoiser(D), sigma_init=80.0), fake)
     assert sum("sigma_init" in str(w.message) for w in record) == 1
+    with pytest.warns(UserWarning, match="set student.sigma_init=2.5 "):
+        SiD(teacher, Generator(AffineDenoiser(D), sigma_init=80.0), fake, match_sigma_data=False)
     import warnings
 
     with warnings.catch_warnings(record=True) as quiet:  # the paper's sigma_init 2.5: no warning

@@ -74,7 +74,7 @@ def test_critic_loss_uses_one_sigma_and_one_noise_for_real_and_generated():
     with torch.no_grad():
         z = torch.randn(32, D)
         x_g = obj.generator(z)  # G(sigma_init z, sigma_init)
-        sigma = (-1.2 + 1.2 * torch.randn(32)).exp()
+        sigma = (obj.P_mean + 1.2 * torch.randn(32)).exp()  # SiD's -1.2, shifted to the teacher's sigma_data
         n = torch.randn(32, D)
         x_fake_t, x_real_t = x_g + sigma[:, None] * n, batch.x0 + sigma[:, None] * n
         lam = edm_loss_weight(sigma, float(obj.fake_score.sigma_data))

@@ -164,13 +164,20 @@ def test_diff_instruct_unnormalised_gradient_equals_the_closed_form_kl_gradient(
 
 
 def test_diff_instruct_draws_lognormal_sigmas_for_both_losses():
+    """ln sigma ~ N(-1.2 + ln(sigma_data / 0.5), 1.2^2): the official law carried to the teacher's sigma_data (the
+    paper's own with ``match_sigma_data=false``)."""
     teacher, gen, fake = gaussian_roles(2)
-    obj = DiffInstruct(teacher, gen, fake)
-    torch.manual_seed(0)
-    for draw in (obj.dm_sigmas, obj.fake_sigmas):
-        log_sigma = draw(200_000, "cpu").log()
-        assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.01)
-        assert log_sigma.std().item() == pytest.approx(1.2, abs=0.01)
+    shift = math.log(teacher.sigma_data / 0.5)
+    assert abs(shift) > 0.3  # this Gaussian's sigma_data is not 0.5
+    for obj, mean in (
+        (DiffInstruct(teacher, gen, fake), -1.2 + shift),
+        (DiffInstruct(teacher, gen, fake, match_sigma_data=False), -1.2),
+    ):
+        torch.manual_seed(0)
+        for draw in (obj.dm_sigmas, obj.fake_sigmas):
+            log_sigma = draw(200_000, "cpu").log()
+            assert log_sigma.mean().item() == pytest.approx(mean, abs=0.01)
+            assert log_sigma.std().item() == pytest.approx(1.2, abs=0.01)
 
 
 def test_diff_instruct_with_the_exact_fake_converges_to_the_data():
@@ -195,9 +202,12 @@ def test_diff_instruct_warns_about_an_edm_sigma_init():
     import warnings
 
     teacher, _, fake = gaussian_roles(2)
-    with pytest.warns(UserWarning, match="student.sigma_init=1.0") as record:
+    want = round(teacher.sigma_data / 0.5, 3)  # the paper's 1 at sigma_data 0.5, carried to this teacher's data
+    with pytest.warns(UserWarning, match=f"set student.sigma_init={want}") as record:
         DiffInstruct(teacher, Generator(AffineDenoiser(2), sigma_init=80.0), fake)
     assert sum("sigma_init" in str(w.message) for w in record) == 1
+    with pytest.warns(UserWarning, match="set student.sigma_init=1.0 "):
+        DiffInstruct(teacher, Generator(AffineDenoiser(2), sigma_init=80.0), fake, match_sigma_data=False)
     with warnings.catch_warnings(record=True) as quiet:  # the paper's sigma_init 1.0: no warning
         warnings.simplefilter("always")
         DiffInstruct(teacher, Generator(AffineDenoiser(2), sigma_init=1.0), fake)

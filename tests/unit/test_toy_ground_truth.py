@@ -22,6 +22,9 @@ from diffdistill.objectives.edm import EDMDenoising
 from diffdistill.objectives.lcm import LCM
 from diffdistill.objectives.rcm import RCM
 from diffdistill.objectives.scm import SCM
+from diffdistill.objectives.sid import SiD
+from diffdistill.objectives.sim import SIM
+from diffdistill.objectives.vsd import DiffInstruct
 from diffdistill.schedules.karras import karras_sigmas
 
 SD = 1.4177  # the project mixture's sigma_data
@@ -54,7 +57,15 @@ def test_noise_scale_is_sigma_data_over_one_half():
 
 
 # the papers' P_mean for sigma_data = 0.5, and where each objective keeps it
-P_MEANS = [(ICT, -1.1, "P_mean"), (ECT, -1.1, "P_mean"), (SCM, -1.0, "P_mean"), (EDMDenoising, -1.2, None)]
+P_MEANS = [
+    (ICT, -1.1, "P_mean"),
+    (ECT, -1.1, "P_mean"),
+    (SCM, -1.0, "P_mean"),
+    (EDMDenoising, -1.2, None),
+    (SiD, -1.2, "P_mean"),  # the fake-score loss's EDM density (SiDA inherits it)
+    (SIM, -1.2, "P_mean"),
+    (DiffInstruct, -1.2, "P_mean"),
+]
 
 
 @pytest.mark.parametrize("cls,paper,attr", P_MEANS, ids=lambda v: getattr(v, "__name__", str(v)))
