@@ -67,6 +67,7 @@ from diffdistill.training.trainer import DistillTrainer, TrainerConfig
 OVERRIDES: dict[str, dict[str, Any]] = {
     "cd": {"distance": "l2"},
     "rcm": {"tangent_warmup_steps": 0},  # time the steady state (1 student : 4 critic), not the sCM-only warm-up
+    "sida": {"images_per_step": 1},  # its switch-on points (0 images) count in images; the GAN is on from step 0
 }
 NOTES: dict[str, str] = {
     "cd": "distance=l2: the paper's LPIPS needs user-supplied VGG weights (never downloaded); LPIPS would add a "

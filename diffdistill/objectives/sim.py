@@ -114,7 +114,8 @@ class SIM(Objective):
         if not P_std > 0:
             raise ValueError(f"P_std must be > 0, got {P_std}")
         check_num_steps(generator, num_steps)
-        scale = data_noise_scale(teacher, generator, match_sigma_data)  # SiD's noise levels, at the data's sigma_data
+        # SiD's noise levels, at the data's sigma_data
+        scale = self.noise_scale = data_noise_scale(teacher, generator, match_sigma_data)
         check_sigma_init(generator, self.name, scale)
         self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
         D = math.prod(generator.sample_shape)
@@ -128,8 +129,10 @@ class SIM(Objective):
         self.update_schedule = UpdateSchedule(1, generator_warmup_steps=1)  # 1:1, fake score first (as SiD)
 
     def sample_sigmas(self, n: int, device) -> Tensor:
+        # the Karras ramp of a teacher trained at sigma_data = 0.5, in the data's units (x c, as for the P_mean)
+        c = self.noise_scale
         return truncated_karras_sigmas(
-            n, self.t_max, float(self.teacher.sigma_min), float(self.teacher.sigma_max), self.rho, device
+            n, self.t_max, c * float(self.teacher.sigma_min), c * float(self.teacher.sigma_max), self.rho, device
         )
 
     def generator_loss(self, batch: Batch, step: int) -> LossOutput:

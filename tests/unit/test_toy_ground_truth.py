@@ -265,3 +265,20 @@ def test_mixture_denoiser_config_round_trip_keeps_conditional():
 
     rebuilt = instantiate(OmegaConf.create(model_config(den)))
     assert rebuilt.num_classes is None and rebuilt.conditional is False
+
+
+@pytest.mark.parametrize("cls", [SiD, SIM], ids=lambda c: c.__name__)
+def test_score_identity_noise_levels_are_the_papers_in_units_of_c(cls):
+    """SiD's / SIM's truncated Karras ramp of the generator loss, drawn on the same seed, is c times the paper's
+    (a teacher at sigma_data = 0.5 with the same sigma range); the fake loss's log-normal is shifted by ln c."""
+    paper, ours = _build(cls, 0.5), _build(cls, SD)
+    torch.manual_seed(0)
+    s_paper = paper.sample_sigmas(1000, "cpu")
+    torch.manual_seed(0)
+    s_ours = ours.sample_sigmas(1000, "cpu")
+    torch.testing.assert_close(s_ours, C * s_paper, rtol=1e-5, atol=0)  # float32 ramp rounding
+    torch.manual_seed(0)
+    f_paper = paper.fake_sigmas(1000, "cpu") if hasattr(paper, "fake_sigmas") else None
+    if f_paper is not None:
+        torch.manual_seed(0)
+        torch.testing.assert_close(ours.fake_sigmas(1000, "cpu"), C * f_paper, rtol=1e-5, atol=0)
