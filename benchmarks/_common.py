@@ -410,8 +410,8 @@ def build_network(name: str, guidance_scale: float = 1.0, seed: int = 0) -> Netw
                 "ratio": [2.23, 2.29],
                 "generator_turn": [1.86, 1.96],
                 "critic_turn": [1.61, 1.67],
-                "note": "with the diffusion-GAN term (classifier head on the fake UNet encoder), which "
-                "diffdistill's DMD does not have yet",
+                "note": "with the diffusion-GAN term (classifier head on the fake UNet encoder): compare the dmd2 row "
+                "(dmd_ttur5 is the same schedule without the GAN term)",
             },
         )
     raise ValueError(f"unknown network '{name}' (fashion_mnist, sd_tiny, adm_dmd2)")

@@ -274,6 +274,9 @@ def main() -> None:
     for fname, fn in (
         ("step_cost_cpu.json", step_tables),
         ("step_cost_sid_sim_cpu.json", step_tables),  # issue 15's rows, taken apart (see the file's note)
+        ("step_cost_late_cpu.json", step_tables),  # the objectives added after step_cost_cpu.json (issues 14, 15)
+        ("step_cost_sida_cpu.json", step_tables),
+        ("step_cost_adm_dmd2_cpu.json", step_tables),  # issue 14: DMD2 with its GAN term on DMD2's ADM network
         ("sampling_cpu.json", sampling_table),
         ("toy_quality.json", toy_table),
         ("fm_quality_cpu.json", fm_quality_table),
