@@ -116,24 +116,10 @@ def sampling_table(r: dict[str, Any]) -> list[str]:
 
 
 def toy_table(r: dict[str, Any]) -> list[str]:
-    refs = r["references"]
-    out = [
-        _machine(r),
-        "",
-        "References (SW2): " + ", ".join(f"{k} {v}" for k, v in refs.items()),
-        "",
-        "| objective | ms / iteration | SW2 at 0 | SW2 final (EMA) | best SW2 (EMA) | final SW2 (online) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in r["objectives"]:
-        if "error" in row:
-            out.append(f"| {row['objective']} | cannot run: {row['error'][:70]} | | | | |")
-            continue
-        out.append(
-            f"| {row['objective']} | {row['ms_per_iteration']:.1f} | {row['curve'][0]['sw2_ema']} | "
-            f"{row['final_sw2_ema']} | {row['best_sw2_ema']} | {row['final_sw2_online']} |"
-        )
-    return out
+    """The mixture benchmark's table, as ``bench_toy_quality.py --table`` prints it (one definition)."""
+    from bench_toy_quality import table
+
+    return [_machine(r), "", table(r)]
 
 
 def fm_quality_table(r: dict[str, Any]) -> list[str]:
