@@ -30,7 +30,7 @@ from torch import Tensor
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
-from diffdistill.objectives.common import check_weighting, data_noise_scale
+from diffdistill.objectives.common import check_weighting, clamp_sigma, data_noise_scale, discrete_sigma_range
 from diffdistill.objectives.score_identity import (
     SIGMA_SAMPLINGS,
     check_ddpm_range,
@@ -184,6 +184,7 @@ class SiD(Objective):
         check_num_steps(generator, num_steps)
         # the papers' noise levels are stated for sigma_data = 0.5: carried to the teacher's data by c
         c = self.noise_scale = data_noise_scale(teacher, generator, match_sigma_data)
+        self.fake_range = discrete_sigma_range(fake_score)
         check_sigma_init(generator, self.name, c)
         self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
         self.alpha, self.t_max, self.rho = float(alpha), float(t_max), float(rho)
@@ -212,7 +213,8 @@ class SiD(Objective):
         """Noise levels of the fake-score loss (log-normal, or DDPM timesteps with ``sigma_sampling=ddpm``)."""
         if self.ddpm is not None:
             return ddpm_timestep_sigmas(self.ddpm, n, self.t_min, int(self.t_max), device)
-        return lognormal_sigmas(n, self.P_mean, self.P_std, device)
+        # a DDPM fake score's timesteps end at its sigma range (objectives/common.py: clamp_sigma)
+        return clamp_sigma(lognormal_sigmas(n, self.P_mean, self.P_std, device), self.fake_range)
 
     def scores(self, x_t: Tensor, sigma: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """Teacher and fake-score predictions at ``x_t`` (with their LSG guidance scales)."""

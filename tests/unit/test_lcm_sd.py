@@ -163,6 +163,13 @@ def test_lognormal_noise_levels_stay_inside_a_ddpm_students_range(teachers):
     gen = Generator(copy.deepcopy(teacher.denoiser), teacher.sigma_max)
     for obj in (SCM(None, gen, mode="sct", adaptive_weighting=False), ECT(gen)):
         assert obj.sigma_range == pytest.approx((lo, hi))
+    from diffdistill.models.generator import FakeScore
+    from diffdistill.objectives.sid import SiD
+
+    sid = SiD(teacher, gen, FakeScore.from_teacher(teacher))  # SD's sigma_data 1: P_mean -1.2 + ln 2
+    torch.manual_seed(0)
+    fake_sigma = sid.fake_sigmas(4000, "cpu")
+    assert float(fake_sigma.max()) <= hi * (1 + 1e-5) and float(fake_sigma.min()) >= lo * (1 - 1e-5)
     scm = SCM(None, gen, mode="sct", adaptive_weighting=False)
     torch.manual_seed(0)
     sigma = scm.sigma_data * torch.tan(scm.sample_t(4000, "cpu"))
