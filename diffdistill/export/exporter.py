@@ -625,8 +625,8 @@ def finish_into_base(
     plan: Any,
     recipe: dict[str, Any],
     *,
-    verified: dict[str, float],
-    evals: list,
+    verify: Callable[[], dict[str, float]] | None,
+    eval_results: list[Path] | None,
     source: str | None,
     repo_id: str | None,
     lora: str | None,
@@ -634,9 +634,12 @@ def finish_into_base(
     metadata: dict[str, Any],
     **card_fields: Any,
 ) -> ExportResult:
-    """The last steps of an export into the teacher's stock pipeline (``plan``: an ``SDPlan`` / ``FlowPlan``, with
-    ``base``, ``reason``, ``pipeline_class`` and ``call_kwargs``): the card (``card_fields`` added), the record
-    (``lora``: the LoRA mode of a LoRA student, else ``None``) and the result."""
+    """The last steps of an export into the teacher's stock pipeline, once its folder ``tmp`` holds the pipeline
+    (``plan``: an ``SDPlan`` / ``FlowPlan``, with ``base``, ``reason``, ``pipeline_class`` and ``call_kwargs``): the
+    evaluation files copied in, the check against diffdistill's sampler (``verify()``, ``None`` to skip), the card
+    (``card_fields`` added), the record (``lora``: the LoRA mode of a LoRA student, else ``None``) and the result."""
+    evals = _copy_evals(eval_results or [], tmp / "eval")
+    verified = verify() if verify is not None else {}
     info = card_info(
         gen,
         out,
@@ -805,16 +808,14 @@ def _export_sd(
             "call": plan.call_kwargs(),
         }
         save_pipeline(build_sd_pipeline(gen, plan, recipe), tmp)
-        evals = _copy_evals(eval_results or [], tmp / "eval")
-        verified = verify_sd(tmp, plan, ref, adapter_dir, VERIFY_ATOL) if verify else {}
         result = finish_into_base(
             tmp,
             gen,
             out,
             plan,
             recipe,
-            verified=verified,
-            evals=evals,
+            verify=(lambda: verify_sd(tmp, plan, ref, adapter_dir, VERIFY_ATOL)) if verify else None,
+            eval_results=eval_results,
             source=source,
             repo_id=repo_id,
             lora=lora if lora_used else None,

@@ -373,7 +373,6 @@ def export_flow(
     :func:`~diffdistill.export.exporter.export_pipeline`'s. Returns its ``ExportResult``."""
     from diffdistill.export.exporter import (
         VERIFY_ATOL,
-        _copy_evals,
         apply_lora,
         finish_into_base,
         staged_folder,
@@ -400,16 +399,14 @@ def export_flow(
             "call": plan.call_kwargs(),
         }
         save_flow_pipeline(build_flow_pipeline(gen, plan, recipe), tmp)
-        evals = _copy_evals(eval_results or [], tmp / "eval")
-        verified = verify_flow(tmp, plan, ref, adapter_dir, VERIFY_ATOL) if verify else {}
         result = finish_into_base(
             tmp,
             gen,
             out,
             plan,
             recipe,
-            verified=verified,
-            evals=evals,
+            verify=(lambda: verify_flow(tmp, plan, ref, adapter_dir, VERIFY_ATOL)) if verify else None,
+            eval_results=eval_results,
             source=source,
             repo_id=repo_id,
             lora=lora if lora_used else None,

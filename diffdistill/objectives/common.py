@@ -171,8 +171,18 @@ def discrete_sigma_range(model) -> tuple[float, float] | None:
     return float(sigmas.min()), float(sigmas.max())
 
 
-def clamp_sigma(sigma: Tensor, sigma_range: tuple[float, float] | None) -> Tensor:
-    """``sigma`` inside ``sigma_range`` (:func:`discrete_sigma_range`; ``None``: unchanged). The log-normal
-    densities of EDM, ECT and sCM put mass beyond a DDPM network's last timestep, where its adapter would clamp the
-    timestep but not the noise level; clamping the noise level keeps input and timestep consistent."""
+def lognormal_sigmas(
+    n: int,
+    P_mean: float,
+    P_std: float,
+    device: torch.device | str = "cpu",
+    sigma_range: tuple[float, float] | None = None,
+) -> Tensor:
+    """EDM's training density ``ln sigma ~ N(P_mean, P_std^2)`` (Karras et al. 2022, Table 1), the one log-normal
+    draw of every objective (EDM's, ECT's, sCM's ``tau``, SiD's / SIM's fake-score loss, Diff-Instruct's).
+
+    ``sigma_range`` (:func:`discrete_sigma_range`; ``None``: unbounded) clamps the draws to a DDPM network's noise
+    range: the density puts mass beyond its last timestep, where the adapter would clamp the timestep but not the
+    noise level. Continuous-time networks get the plain law, draw for draw."""
+    sigma = (P_mean + P_std * torch.randn(n, device=device)).exp()
     return sigma if sigma_range is None else sigma.clamp(*sigma_range)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
-from diffdistill.objectives.common import clamp_sigma, data_noise_scale, discrete_sigma_range, pseudo_huber
+from diffdistill.objectives.common import data_noise_scale, discrete_sigma_range, lognormal_sigmas, pseudo_huber
 from diffdistill.objectives.consistency import (
     ConsistencyDistillation,
     RNGState,
@@ -223,8 +223,7 @@ class ECT(Objective):
         if y is None:
             raise ValueError("ECT needs real samples (Batch.x0)")
         B = y.shape[0]
-        t = (self.P_mean + self.P_std * torch.randn(B, device=y.device)).exp()
-        t = clamp_sigma(t, self.sigma_range)  # a DDPM network's timesteps end at its sigma range
+        t = lognormal_sigmas(B, self.P_mean, self.P_std, y.device, self.sigma_range)
         r = self.r_of_t(t, step)
         eps = torch.randn_like(y)  # the same eps for both points
         rng = RNGState(y.device)

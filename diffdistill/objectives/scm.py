@@ -27,7 +27,7 @@ from diffdistill.models.conditioning import Batch
 from diffdistill.models.consistency import AdaptiveWeight, trigflow_F
 from diffdistill.models.teacher import can_guide
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, register_objective
-from diffdistill.objectives.common import clamp_sigma, data_noise_scale, discrete_sigma_range, per_sample_mean
+from diffdistill.objectives.common import data_noise_scale, discrete_sigma_range, lognormal_sigmas, per_sample_mean
 from diffdistill.objectives.consistency import RNGState
 
 JVP_BACKENDS = ("autograd", "finite_difference")
@@ -211,9 +211,10 @@ class SCM(Objective):
         return 1.0 if self.tangent_warmup_steps <= 0 else min(1.0, step / self.tangent_warmup_steps)
 
     def sample_t(self, batch_size: int, device) -> Tensor:
-        tau = self.P_mean + self.P_std * torch.randn(batch_size, device=device)
-        # sigma = e^tau = sigma_d tan t; a DDPM network's timesteps end at its sigma range
-        return torch.atan(clamp_sigma(tau.exp(), self.sigma_range) / self.sigma_data)
+        # tau ~ N(P_mean, P_std^2), sigma = e^tau = sigma_d tan t
+        return torch.atan(
+            lognormal_sigmas(batch_size, self.P_mean, self.P_std, device, self.sigma_range) / self.sigma_data
+        )
 
     def generator_loss(self, batch: Batch, step: int) -> LossOutput:
         x0, cond = batch.x0, batch.cond

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from diffdistill.conventions import append_dims, as_sigma, cfg_combine
 from diffdistill.models.conditioning import Batch, Conditioning
 from diffdistill.models.teacher import Teacher, can_guide
-from diffdistill.objectives.common import dsm_weight
+from diffdistill.objectives.common import dsm_weight, lognormal_sigmas
 
 # ----------------------------------------------------------------------------------------------------------------
 # noise levels
@@ -72,11 +72,6 @@ def check_ddpm_range(teacher: nn.Module, t_min: float, t_max: float, objective: 
             f"t_min={t_min}, t_max={t_max}"
         )
     return schedule
-
-
-def lognormal_sigmas(n: int, P_mean: float, P_std: float, device: torch.device | str = "cpu") -> Tensor:
-    """EDM training density ``ln sigma ~ N(P_mean, P_std^2)`` (Karras et al. 2022, Table 1)."""
-    return (P_mean + P_std * torch.randn(n, device=device)).exp()
 
 
 # ----------------------------------------------------------------------------------------------------------------

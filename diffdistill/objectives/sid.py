@@ -30,7 +30,7 @@ from torch import Tensor
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
-from diffdistill.objectives.common import check_weighting, clamp_sigma, data_noise_scale, discrete_sigma_range
+from diffdistill.objectives.common import check_weighting, data_noise_scale, discrete_sigma_range, lognormal_sigmas
 from diffdistill.objectives.score_identity import (
     SIGMA_SAMPLINGS,
     check_ddpm_range,
@@ -41,7 +41,6 @@ from diffdistill.objectives.score_identity import (
     generate,
     guidance_passes,
     keep_samples,
-    lognormal_sigmas,
     sanitize_gradient,
     score_forward,
     truncated_karras_sigmas,
@@ -213,8 +212,7 @@ class SiD(Objective):
         """Noise levels of the fake-score loss (log-normal, or DDPM timesteps with ``sigma_sampling=ddpm``)."""
         if self.ddpm is not None:
             return ddpm_timestep_sigmas(self.ddpm, n, self.t_min, int(self.t_max), device)
-        # a DDPM fake score's timesteps end at its sigma range (objectives/common.py: clamp_sigma)
-        return clamp_sigma(lognormal_sigmas(n, self.P_mean, self.P_std, device), self.fake_range)
+        return lognormal_sigmas(n, self.P_mean, self.P_std, device, self.fake_range)
 
     def scores(self, x_t: Tensor, sigma: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """Teacher and fake-score predictions at ``x_t`` (with their LSG guidance scales)."""

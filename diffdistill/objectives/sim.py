@@ -26,7 +26,7 @@ from torch import Tensor
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
-from diffdistill.objectives.common import clamp_sigma, data_noise_scale, discrete_sigma_range
+from diffdistill.objectives.common import data_noise_scale, discrete_sigma_range, lognormal_sigmas
 from diffdistill.objectives.score_identity import (
     check_num_steps,
     fake_score_loss,
@@ -34,7 +34,6 @@ from diffdistill.objectives.score_identity import (
     generate,
     guided_denoise,
     keep_samples,
-    lognormal_sigmas,
     sanitize_gradient,
     score_forward,
     truncated_karras_sigmas,
@@ -164,8 +163,8 @@ class SIM(Objective):
     def critic_loss(self, batch: Batch, step: int) -> LossOutput:
         with torch.no_grad():
             x_g, _ = generate(self.generator, batch, self.num_steps, grad=False)
-        # SiD's log-normal, inside a DDPM fake score's sigma range (objectives/common.py: clamp_sigma)
-        sigma = clamp_sigma(lognormal_sigmas(x_g.shape[0], self.P_mean, self.P_std, x_g.device), self.fake_range)
+        # SiD's log-normal, inside a DDPM fake score's sigma range
+        sigma = lognormal_sigmas(x_g.shape[0], self.P_mean, self.P_std, x_g.device, self.fake_range)
         loss, logs = fake_score_loss(
             self.fake_score, x_g, batch.cond, guidance_scale=self.fake_train_guidance_scale, sigma=sigma
         )

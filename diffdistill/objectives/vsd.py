@@ -25,7 +25,7 @@ from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Conditioning
 from diffdistill.models.generator import FakeScore
 from diffdistill.objectives.base import Paper, register_objective
-from diffdistill.objectives.common import data_noise_scale
+from diffdistill.objectives.common import data_noise_scale, lognormal_sigmas
 from diffdistill.objectives.dmd import DMD, dmd_gradient
 from diffdistill.objectives.sid import check_sigma_init
 from diffdistill.schedules.karras import KarrasSchedule
@@ -224,7 +224,7 @@ class DiffInstruct(DMD):
 
     def dm_sigmas(self, n: int, device) -> Tensor:
         # (Diff-Instruct, di_loss.py) sigma = exp(P_mean + P_std xi), as in EDM training
-        return (self.P_mean + self.P_std * torch.randn(n, device=device)).exp()
+        return lognormal_sigmas(n, self.P_mean, self.P_std, device)
 
     fake_sigmas = dm_sigmas
 
