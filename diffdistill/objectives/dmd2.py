@@ -130,6 +130,14 @@ class DMD2(DMD):
         r1_noise_std: float = 0.1,
         backward_simulation: bool = True,
         fuse_critic_passes: bool = True,
+        regression_weight: float = 0.0,
+        regression_pairs: int = 1024,
+        regression_steps: int = 18,
+        regression_distance: str = "lpips",
+        regression_seed: int = 0,
+        regression_cache: str | None = None,
+        lpips_net: str = "vgg",
+        lpips_weights: str | None = None,
     ):
         super().__init__(
             teacher,
@@ -142,6 +150,14 @@ class DMD2(DMD):
             fake_weighting,
             critic_steps_per_generator_step,
             generator_warmup_steps,
+            regression_weight=regression_weight,
+            regression_pairs=regression_pairs,
+            regression_steps=regression_steps,
+            regression_distance=regression_distance,
+            regression_seed=regression_seed,
+            regression_cache=regression_cache,
+            lpips_net=lpips_net,
+            lpips_weights=lpips_weights,
         )
         for key, w in (
             ("gan_generator_weight", gan_generator_weight),
@@ -245,6 +261,11 @@ class DMD2(DMD):
             g_gan = gan.generator_loss(self.logits(x_t, sigma, cond), self.gan_loss)
             loss = loss + self.gan_generator_weight * g_gan
             logs["gan_generator"] = float(g_gan.detach().mean())
+        if self.regression_weight > 0:
+            reg = self.regression_loss(x.shape[0], x.device)
+            # (DMD Eq. 9) regression onto the teacher's ODE pairs (off in DMD2)
+            loss = loss + self.regression_weight * reg
+            logs["regression_loss"] = float(reg.detach().mean())
         return LossOutput(loss, logs)
 
     def critic_loss(self, batch: Batch, step: int) -> LossOutput:
@@ -316,8 +337,9 @@ class DMD2(DMD):
         # R1: exact = the real half's graph once more and a double backward; approx = two real-half feature passes
         r1_fwd = (f if self.r1_kind == "exact" else 2.0 * f) if self.r1_weight > 0 else 0.0
         r1_bwd = 2.0 * f if self.r1_weight > 0 else 0.0
+        reg = 1.0 if self.regression_weight > 0 else 0.0  # the regression's G fwd+bwd (pairs made once)
         # generator update: sim + G fwd/bwd; teacher (x2 with CFG) + fake forwards; GAN: features fwd + bwd to x
-        gen = PassCount(forward=sim + cfg + 1.0, forward_grad=1.0 + gan_g, backward=1.0 + gan_g)
+        gen = PassCount(forward=sim + cfg + 1.0, forward_grad=1.0 + gan_g + reg, backward=1.0 + gan_g + reg)
         # critic update: a no-grad generation when not cached; fake fwd+bwd (DSM); features of [generated; real]
         crit_fwd = (sim + 1.0) * (r - 1) / r
         crit = PassCount(forward=crit_fwd, forward_grad=1.0 + gan_d + r1_fwd, backward=1.0 + gan_d + r1_bwd)

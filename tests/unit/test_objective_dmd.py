@@ -130,3 +130,30 @@ def test_toy_data_teacher_matches_dataset():
     x = data.get(torch.arange(50_000)).x0
     assert x.mean().item() == pytest.approx(0.3, abs=0.01) and x.std().item() == pytest.approx(0.8, abs=0.01)
     assert torch.allclose(data.teacher().mean, torch.full((4,), 0.3))
+
+
+def test_dm_gradient_is_blind_to_mode_weights_below_the_mode_separation():
+    """Why DM objectives leave mode weights wrong (docs/invariants.md §5b). Fake and real mixtures with the same
+    modes (+-2, std 0.1) and weights 0.8 / 0.2 against 0.5 / 0.5: at sigma <= 0.3 both denoisers assign every noisy
+    sample to its own mode, so ``x0_fake - x0_real`` is exactly 0 and the gradient carries no weight information;
+    only at sigma comparable to the separation does it appear, and there it pushes the samples of *both* modes the
+    same way (a drift toward the under-weighted mode, not a transfer of mass between them)."""
+    from diffdistill.models.analytic import GaussianMixtureDenoiser
+
+    means = [[-2.0], [2.0]]
+    real = GaussianMixtureDenoiser(means, 0.1, [0.5, 0.5], conditional=False)
+    fake = GaussianMixtureDenoiser(means, 0.1, [0.8, 0.2], conditional=False)
+    g = torch.Generator().manual_seed(0)
+    x, labels = fake.sample(20000, generator=g)
+    eps = torch.randn(x.shape, generator=g)
+
+    def dm(sigma: float) -> torch.Tensor:
+        s = torch.full((len(x),), sigma)
+        x_t = x + sigma * eps
+        return dmd_gradient(x, real.denoise(x_t, s, Conditioning()), fake.denoise(x_t, s, Conditioning()), False)
+
+    for sigma in (0.02, 0.1, 0.3):
+        assert float(dm(sigma).abs().max()) < 1e-6
+    big = dm(2.0)
+    per_mode = [float(big[labels == k].mean()) for k in (0, 1)]
+    assert per_mode[0] < -0.1 and per_mode[1] < -0.1  # descent (-g) moves both modes toward the light one (+2)

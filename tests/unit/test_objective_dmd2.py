@@ -218,6 +218,27 @@ def test_dmd_regression_pairs_are_made_once_and_regress_onto_the_teacher(tmp_pat
     assert float(gen.denoiser.b.mean()) == pytest.approx(MU, abs=0.02)
 
 
+def test_dmd2_regression_option_adds_dmd_v1_term_on_the_same_pairs():
+    """DMD2 drops DMD v1's regression (Eq. 9); as an option it adds exactly ``weight * regression_loss`` to the
+    generator loss (same seed, same pairs) and counts one more G fwd+bwd per generator update."""
+    kw = dict(regression_pairs=64, regression_steps=8, regression_distance="l2", gan_generator_weight=1e-2)
+    plain, reg = toy(**kw), toy(regression_weight=0.5, **kw)
+    reg.generator.load_state_dict(plain.generator.state_dict())
+    reg.discriminator.load_state_dict(plain.discriminator.state_dict())
+    torch.manual_seed(3)
+    base = plain.generator_loss(real_batch(32), 0)
+    torch.manual_seed(3)
+    both = reg.generator_loss(real_batch(32), 0)
+    assert "regression_loss" in both.logs and "regression_loss" not in base.logs
+    # the regression draws its pairs after the DM and GAN noise, so both calls share those draws
+    extra = both.loss.mean() - base.loss.mean()
+    assert float(extra) == pytest.approx(0.5 * both.logs["regression_loss"], rel=1e-5)
+    assert reg.pass_count().forward_grad == pytest.approx(plain.pass_count().forward_grad + 1 / 5)
+    assert reg.pass_count().backward == pytest.approx(plain.pass_count().backward + 1 / 5)
+    with pytest.raises(ValueError, match="regression_weight"):
+        toy(regression_weight=-1.0)
+
+
 @pytest.mark.slow
 def test_toy_recipe_reaches_the_true_distribution(tmp_path):
     """experiment=toy/dmd2 (GAN term on, 5:1): |a| -> 0.8, b -> 0.3 (measured 0.803 / 0.299 in 600 iterations)."""
