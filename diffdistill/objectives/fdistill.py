@@ -69,6 +69,7 @@ class FDistill(DMD2):
         ratio_normalization: divide ``r`` by its running mean in its noise-level bin (off by default).
         ratio_bins: the bins (equal ranges of the DM timestep index), 10.
         ratio_decay: the running mean's EMA decay (per generator update).
+        **regression: DMD v1's ``regression_*`` / ``lpips_*`` options, as in :class:`DMD2` (off by default).
     """
 
     name = "fdistill"
@@ -103,6 +104,7 @@ class FDistill(DMD2):
         ratio_normalization: bool = False,
         ratio_bins: int = 10,
         ratio_decay: float = 0.99,
+        **regression: Any,
     ):
         super().__init__(
             teacher,
@@ -125,6 +127,7 @@ class FDistill(DMD2):
             r1_kind,
             r1_noise_std,
             backward_simulation,
+            **regression,
         )
         f_weight(torch.ones(1), divergence)  # checks the name
         if divergence != "reverse_kl" and not (gan_generator_weight > 0 and gan_discriminator_weight > 0):

@@ -79,6 +79,19 @@ def test_reverse_kl_is_dmd2_exactly():
     assert torch.equal(loss_f, loss_d) and all(torch.equal(a, b) for a, b in zip(grad_f, grad_d))
 
 
+def test_reverse_kl_is_dmd2_exactly_with_the_regression_option_too():
+    """DMD v1's regression, passed through to DMD2: still the same loss and gradient as DMD2 with it, and a typo
+    in its keys is an error naming the key."""
+    reg = dict(regression_weight=0.25, regression_pairs=32, regression_steps=4, regression_distance="l2")
+    loss_f, grad_f = generator_step(FDistill, divergence="reverse_kl", **reg)
+    loss_d, grad_d = generator_step(DMD2, **reg)
+    loss_0, _ = generator_step(DMD2)
+    assert torch.equal(loss_f, loss_d) and all(torch.equal(a, b) for a, b in zip(grad_f, grad_d))
+    assert not torch.equal(loss_d, loss_0)
+    with pytest.raises(TypeError, match="regresion_weight"):
+        generator_step(FDistill, regresion_weight=0.25)
+
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "js", "jeffreys", "neyman"])
 def test_a_constant_ratio_gives_dmd2_for_every_divergence(divergence):
     """Through the discriminator pass: equal logits everywhere make h constant, hence 1 after normalisation."""
