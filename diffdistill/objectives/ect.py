@@ -88,11 +88,12 @@ class ICT(Objective):
         sigma_min, sigma_max, rho: the Karras grid (0.002, 80, 7).
         s0, s1, total_steps: curriculum ``N(k)`` (10, 1280, K = 400k: N = 11, 21, 41, ..., 1281).
         P_mean, P_std: discrete log-normal pair sampling (-1.1, 2.0).
-        huber_c: pseudo-Huber ``c`` (``None``: ``0.00054 sqrt(D)``).
+        huber_c: pseudo-Huber ``c`` (``None``: ``0.00054 sqrt(D)``, times ``sigma_data / 0.5`` with
+            ``match_sigma_data``: the paper's residuals are those of data at 0.5; a given value is used as is).
         boundary_condition: wrap the student so that ``f(x, sigma_min) = x``.
         match_sigma_data: the grid and ``P_mean`` are the paper's for ``sigma_data = 0.5``; with the teacher's
-            ``c = sigma_data / 0.5`` use ``[c sigma_min, c sigma_max]`` and ``P_mean + ln c``
-            (:func:`~diffdistill.conventions.noise_scale`; exact at 0.5).
+            ``c = sigma_data / 0.5`` use ``[c sigma_min, c sigma_max]``, ``P_mean + ln c`` and the default
+            pseudo-Huber ``c`` times c (:func:`~diffdistill.conventions.noise_scale`; exact at 0.5).
     """
 
     name = "ict"
@@ -122,6 +123,7 @@ class ICT(Objective):
         self.sigma_min, self.sigma_max, self.rho = c * float(sigma_min), c * float(sigma_max), float(rho)
         self.s0, self.s1, self.total_steps = int(s0), int(s1), int(total_steps)
         self.P_mean, self.P_std, self.huber_c = float(P_mean) + math.log(c), float(P_std), huber_c
+        self.noise_scale = c  # the default pseudo-Huber c is in data units too: c 0.00054 sqrt(D)
         if boundary_condition:
             require_boundary_condition(self, generator)
         self._grid: tuple[int, Tensor, Tensor] | None = None
@@ -137,6 +139,10 @@ class ICT(Objective):
             self._grid = (n, sigmas, ict_pair_probs(sigmas, self.P_mean, self.P_std))
         return self._grid[1], self._grid[2]
 
+    def pseudo_huber_c(self, x0: Tensor) -> float:
+        """``huber_c``, or the paper's ``0.00054 sqrt(D)`` carried to the data's scale (times ``sigma_data / 0.5``)."""
+        return self.noise_scale * default_huber_c(x0) if self.huber_c is None else float(self.huber_c)
+
     def generator_loss(self, batch: Batch, step: int) -> LossOutput:
         x0, cond = batch.x0, batch.cond
         if x0 is None:
@@ -150,7 +156,7 @@ class ICT(Objective):
         with torch.no_grad(), rng.replay():
             # theta- = stopgrad(theta): the online weights, same dropout mask
             target = self.generator.denoise(x0 + append_dims(sigma_lo, x0.ndim) * z, sigma_lo, cond)
-        c = default_huber_c(x0) if self.huber_c is None else float(self.huber_c)
+        c = self.pseudo_huber_c(x0)
         # (iCT Eq. 10) lambda(sigma_i) = 1/(sigma_{i+1} - sigma_i); pseudo-Huber on the flattened sample
         dist = _norm_distance(pred - target, c)
         loss = dist / (sigma_hi - sigma_lo)

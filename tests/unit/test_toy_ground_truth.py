@@ -116,6 +116,23 @@ def test_ict_pair_probabilities_are_the_papers_on_the_scaled_grid():
     assert torch.allclose(p_paper, p_ours, atol=1e-10)
 
 
+def test_ict_pseudo_huber_c_is_in_data_units():
+    """The default c = 0.00054 sqrt(D) is the paper's for data at sigma_data 0.5: carried as c times it, so the
+    pseudo-Huber distance of residuals scaled by c is exactly c times the paper's; a given huber_c is kept."""
+    from diffdistill.objectives.common import pseudo_huber
+    from diffdistill.objectives.consistency import default_huber_c
+
+    x = torch.randn(64, 2)
+    paper, ours = _build(ICT, 0.5), _build(ICT, SD)
+    c_paper, c_ours = paper.pseudo_huber_c(x), ours.pseudo_huber_c(x)
+    assert c_paper == default_huber_c(x) == pytest.approx(0.00054 * math.sqrt(2))
+    assert c_ours == pytest.approx(C * c_paper)
+    r = 0.01 * torch.randn(64, 2)  # residuals of the order of c, where the two forms differ most
+    torch.testing.assert_close(pseudo_huber(C * r, c_ours), C * pseudo_huber(r, c_paper), rtol=1e-5, atol=0)
+    assert _build(ICT, SD, match_sigma_data=False).pseudo_huber_c(x) == c_paper
+    assert _build(ICT, SD, huber_c=1.0).pseudo_huber_c(x) == 1.0  # a given c is used as is
+
+
 def test_ect_r_of_t_is_the_papers_in_units_of_c():
     ours, paper = _build(ECT, SD), _build(ECT, 0.5)
     assert ours.noise_scale == pytest.approx(C) and paper.noise_scale == 1.0
