@@ -96,6 +96,10 @@ class DMD2(DMD):
             discriminator, so one forward of the fake score gives its output and the taps (the real half is one
             encoder pass). Each loss keeps its law; only their noise draws are shared, where DMD2's code draws
             them apart (``False``: that form, one more encoder pass of the generated half).
+        **regression: ``regression_weight``, ``regression_*`` and ``lpips_*`` of :class:`DMD`: DMD v1's regression
+            onto teacher ODE pairs (arXiv:2311.18828, Eq. 9), which DMD2 drops (weight 0 by default, as the paper);
+            an option because the DM gradient barely sees mode weights (docs/invariants.md §5b). On a k-step
+            student it regresses the one-step map from ``z``.
         Others as in :class:`DMD` (``float64`` gradient always on).
     """
 
@@ -130,14 +134,7 @@ class DMD2(DMD):
         r1_noise_std: float = 0.1,
         backward_simulation: bool = True,
         fuse_critic_passes: bool = True,
-        regression_weight: float = 0.0,
-        regression_pairs: int = 1024,
-        regression_steps: int = 18,
-        regression_distance: str = "lpips",
-        regression_seed: int = 0,
-        regression_cache: str | None = None,
-        lpips_net: str = "vgg",
-        lpips_weights: str | None = None,
+        **regression: Any,
     ):
         super().__init__(
             teacher,
@@ -150,14 +147,7 @@ class DMD2(DMD):
             fake_weighting,
             critic_steps_per_generator_step,
             generator_warmup_steps,
-            regression_weight=regression_weight,
-            regression_pairs=regression_pairs,
-            regression_steps=regression_steps,
-            regression_distance=regression_distance,
-            regression_seed=regression_seed,
-            regression_cache=regression_cache,
-            lpips_net=lpips_net,
-            lpips_weights=lpips_weights,
+            **regression,
         )
         for key, w in (
             ("gan_generator_weight", gan_generator_weight),
