@@ -64,9 +64,10 @@ class RNGState:
             yield
 
 
-def default_huber_c(x: Tensor) -> float:
-    """iCT's pseudo-Huber constant ``c = 0.00054 sqrt(D)``, ``D`` = elements per sample (Song & Dhariwal 2023, §3.3)."""
-    return 0.00054 * float(x[0].numel()) ** 0.5
+def default_huber_c(x: Tensor, noise_scale: float = 1.0) -> float:
+    """iCT's pseudo-Huber constant ``c = 0.00054 sqrt(D)``, ``D`` = elements per sample (Song & Dhariwal 2023, §3.3),
+    stated for data at ``sigma_data = 0.5``: times ``noise_scale`` (``sigma_data / 0.5``) for data at another scale."""
+    return noise_scale * 0.00054 * float(x[0].numel()) ** 0.5
 
 
 def build_lpips(net: str = "vgg", weights: str | None = None) -> nn.Module:
@@ -89,12 +90,17 @@ def build_lpips(net: str = "vgg", weights: str | None = None) -> nn.Module:
 
 
 def consistency_distance(
-    x: Tensor, y: Tensor, kind: str, huber_c: float | None = None, lpips_fn: nn.Module | None = None
+    x: Tensor,
+    y: Tensor,
+    kind: str,
+    huber_c: float | None = None,
+    lpips_fn: nn.Module | None = None,
+    noise_scale: float = 1.0,
 ) -> Tensor:
     """Per-sample distance ``d(x, y)`` of the consistency family, shape ``[B]``.
 
     ``l2``: mean over elements of the squared error; ``l1``: mean absolute error; ``pseudo_huber``:
-    ``sqrt(||x - y||^2 + c^2) - c`` on the flattened sample (``c=None``: ``0.00054 sqrt(D)``);
+    ``sqrt(||x - y||^2 + c^2) - c`` on the flattened sample (``c=None``: :func:`default_huber_c` at ``noise_scale``);
     ``huber_elementwise``: the mean over elements of ``sqrt((x - y)^2 + c^2) - c`` (diffusers' LCM scripts;
     ``c=None``: 0.001); ``lpips``: LPIPS on ``(x + 1) / 2``, bilinearly upsampled to 224 below 256 px
     (openai/consistency_models L219-232).
@@ -104,7 +110,7 @@ def consistency_distance(
     if kind == "l1":
         return per_sample_mean((x - y).abs())
     if kind == "pseudo_huber":
-        return pseudo_huber(x - y, default_huber_c(x) if huber_c is None else huber_c)
+        return pseudo_huber(x - y, default_huber_c(x, noise_scale) if huber_c is None else huber_c)
     if kind == "huber_elementwise":
         return elementwise_pseudo_huber(x - y, LCM_HUBER_C if huber_c is None else huber_c)
     if kind == "lpips":
@@ -196,8 +202,8 @@ class ConsistencyDistillation(Objective):
         target_ema: ``mu`` of the target update (0.95, ``--target_ema_mode fixed``).
         distance: ``"lpips"`` (paper), ``"l2"``, ``"l1"``, ``"pseudo_huber"`` (iCT's, on the per-sample norm) or
             ``"huber_elementwise"`` (diffusers' LCM scripts' ``--loss_type huber``, per element).
-        huber_c: pseudo-Huber ``c`` (``None``: ``0.00054 sqrt(D)`` for ``pseudo_huber``, 0.001 for
-            ``huber_elementwise``).
+        huber_c: pseudo-Huber ``c`` (``None``: ``0.00054 sqrt(D)`` for ``pseudo_huber``, times ``sigma_data / 0.5``
+            with ``match_sigma_data``; 0.001 for ``huber_elementwise``, diffusers' constant).
         weighting: ``lambda(sigma_n)``: ``"uniform"`` (all released runs), ``"karras"``, ``"snr"``, ``"snr+1"``,
             ``"truncated-snr"``.
         guidance_scale: teacher CFG scale ``w`` (``None``: the teacher's own).
@@ -242,6 +248,7 @@ class ConsistencyDistillation(Objective):
         cd_weight(torch.ones(1), weighting, 0.5)  # validates the name
         self.teacher, self.generator = teacher, generator
         c = data_noise_scale(teacher, generator, match_sigma_data)
+        self.noise_scale = c  # the default pseudo-Huber c is in data units too
         self.sigma_min, self.sigma_max = c * float(sigma_min), c * float(sigma_max)
         if discrete_vp_schedule(teacher) is not None:  # a DDPM-family teacher (SD: [0.029, 14.6]) has no other sigmas
             self.sigma_min = max(self.sigma_min, float(teacher.sigma_min))
@@ -306,7 +313,7 @@ class ConsistencyDistillation(Objective):
         with torch.no_grad(), rng.replay():
             target = self.target_generator.denoise(x_hat, sigma_next, cond)
         # (Eq. 7) lambda(sigma_n) d(f_theta(x_t, sigma_n), f_theta-(x_hat, sigma_{n+1}))
-        dist = consistency_distance(pred, target, self.distance, self.huber_c, self._lpips_fn(pred))
+        dist = consistency_distance(pred, target, self.distance, self.huber_c, self._lpips_fn(pred), self.noise_scale)
         loss = cd_weight(sigma, self.weighting, self.generator.sigma_data) * dist
         return LossOutput(loss, {"distance": float(dist.detach().mean()), "sigma_mean": float(sigma.mean())})
 

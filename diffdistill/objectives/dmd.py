@@ -192,6 +192,20 @@ class DMD(Objective):
         # (DMD Eq. 9) L_reg = d(G(z_ref), y_ref), LPIPS in the paper
         return consistency_distance(self.generator(z, cond), x0_ref, self.regression_distance, lpips_fn=self.lpips)
 
+    def with_regression(self, loss: Tensor, logs: dict[str, float], n: int, device) -> Tensor:
+        """``loss`` plus ``regression_weight`` times the regression term when it is on (its value into ``logs``)."""
+        if self.regression_weight <= 0:
+            return loss
+        reg = self.regression_loss(n, device)
+        logs["regression_loss"] = float(reg.detach().mean())
+        # (DMD Eq. 9) regression onto the teacher's ODE pairs
+        return loss + self.regression_weight * reg
+
+    @property
+    def regression_passes(self) -> float:
+        """Generator fwd+bwd passes of the regression per generator update (its pairs are made once, not counted)."""
+        return 1.0 if self.regression_weight > 0 else 0.0
+
     # ------------------------------------------------------------------------------------------
     def generate(self, batch: Batch) -> tuple[Tensor, Conditioning]:
         cond = batch.cond
@@ -239,11 +253,7 @@ class DMD(Objective):
         x, cond = self.generate(batch)
         loss, logs = self.distribution_matching_loss(x, cond)
         batch.scratch["dmd_generated"] = (x.detach(), cond)
-        if self.regression_weight > 0:
-            reg = self.regression_loss(x.shape[0], x.device)
-            loss = loss + self.regression_weight * reg
-            logs["regression_loss"] = float(reg.detach().mean())
-        return LossOutput(loss, logs)
+        return LossOutput(self.with_regression(loss, logs, x.shape[0], x.device), logs)
 
     def critic_loss(self, batch: Batch, step: int) -> LossOutput:
         cached = batch.scratch.pop("dmd_generated", None)
@@ -261,7 +271,7 @@ class DMD(Objective):
         r = self.update_schedule.critic_steps_per_generator_step
         cfg = 2.0 if (self.real_guidance_scale or getattr(self.teacher, "guidance_scale", 1.0)) != 1.0 else 1.0
         # generator step (every r-th iteration): G fwd+bwd, teacher fwd (x2 with CFG), fake fwd
-        reg = 1.0 if self.regression_weight > 0 else 0.0  # the regression's G fwd+bwd (pairs made once, not counted)
+        reg = self.regression_passes
         gen = PassCount(forward=cfg + 1.0, forward_grad=1.0 + reg, backward=1.0 + reg)
         # critic step (every iteration): fake fwd+bwd (+ a no-grad G forward when the cache is empty)
         crit_fwd = 0.0 if r == 1 else 1.0

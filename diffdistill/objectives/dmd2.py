@@ -251,12 +251,7 @@ class DMD2(DMD):
             g_gan = gan.generator_loss(self.logits(x_t, sigma, cond), self.gan_loss)
             loss = loss + self.gan_generator_weight * g_gan
             logs["gan_generator"] = float(g_gan.detach().mean())
-        if self.regression_weight > 0:
-            reg = self.regression_loss(x.shape[0], x.device)
-            # (DMD Eq. 9) regression onto the teacher's ODE pairs (off in DMD2)
-            loss = loss + self.regression_weight * reg
-            logs["regression_loss"] = float(reg.detach().mean())
-        return LossOutput(loss, logs)
+        return LossOutput(self.with_regression(loss, logs, x.shape[0], x.device), logs)  # off in DMD2's paper
 
     def critic_loss(self, batch: Batch, step: int) -> LossOutput:
         cached = batch.scratch.pop("dmd_generated", None)
@@ -327,7 +322,7 @@ class DMD2(DMD):
         # R1: exact = the real half's graph once more and a double backward; approx = two real-half feature passes
         r1_fwd = (f if self.r1_kind == "exact" else 2.0 * f) if self.r1_weight > 0 else 0.0
         r1_bwd = 2.0 * f if self.r1_weight > 0 else 0.0
-        reg = 1.0 if self.regression_weight > 0 else 0.0  # the regression's G fwd+bwd (pairs made once)
+        reg = self.regression_passes
         # generator update: sim + G fwd/bwd; teacher (x2 with CFG) + fake forwards; GAN: features fwd + bwd to x
         gen = PassCount(forward=sim + cfg + 1.0, forward_grad=1.0 + gan_g + reg, backward=1.0 + gan_g + reg)
         # critic update: a no-grad generation when not cached; fake fwd+bwd (DSM); features of [generated; real]

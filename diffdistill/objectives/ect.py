@@ -141,7 +141,7 @@ class ICT(Objective):
 
     def pseudo_huber_c(self, x0: Tensor) -> float:
         """``huber_c``, or the paper's ``0.00054 sqrt(D)`` carried to the data's scale (times ``sigma_data / 0.5``)."""
-        return self.noise_scale * default_huber_c(x0) if self.huber_c is None else float(self.huber_c)
+        return default_huber_c(x0, self.noise_scale) if self.huber_c is None else float(self.huber_c)
 
     def generator_loss(self, batch: Batch, step: int) -> LossOutput:
         x0, cond = batch.x0, batch.cond

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from diffdistill.conventions import append_dims, as_sigma, cfg_combine
 from diffdistill.models.conditioning import Batch, Conditioning
 from diffdistill.models.teacher import Teacher, can_guide
-from diffdistill.objectives.common import dsm_weight, lognormal_sigmas
+from diffdistill.objectives.common import discrete_sigma_range, dsm_weight, lognormal_sigmas
 
 # ----------------------------------------------------------------------------------------------------------------
 # noise levels
@@ -193,17 +193,17 @@ def fake_score_loss(
     x0_fake: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Per-sample ``lambda(sigma) sum ||f_psi(x_g + sigma n, sigma) - x_g||^2`` on detached samples, ``ln sigma ~
-    N(P_mean, P_std^2)``, ``lambda = 1/sigma^2 + 1/sigma_d^2`` (SiD Eq. 9 with EDM's weighting; summed over the
-    sample's elements as ``mingyuanzhou/SiD`` does). Samples with non-finite values count 0. ``guidance_scale``
-    is SiD-LSG's kappa_1: the fake score's guided prediction is what it fits. ``sigma`` and ``noise`` given: those
-    are used (SiDA noises its real samples with the same ones). ``weighting`` (:func:`diffdistill.objectives.common.
-    dsm_weight`): ``"eps"`` gives SiD-LSG's eps-MSE ``||eps_hat - eps||^2`` summed over elements. ``x0_fake``: the
-    fake score's (guided) output at ``x_g + sigma noise``, already computed by the caller (with ``sigma`` and
-    ``noise``; SiDA reads the discriminator's taps from the same forward).
+    N(P_mean, P_std^2)`` (clamped to a DDPM fake score's range), ``lambda = 1/sigma^2 + 1/sigma_d^2`` (SiD Eq. 9
+    with EDM's weighting; summed over the sample's elements as ``mingyuanzhou/SiD`` does). Samples with non-finite
+    values count 0. ``guidance_scale`` is SiD-LSG's kappa_1: the fake score's guided prediction is what it fits.
+    ``sigma`` and ``noise`` given: those are used (SiDA noises its real samples with the same ones). ``weighting``
+    (:func:`diffdistill.objectives.common.dsm_weight`): ``"eps"`` gives SiD-LSG's eps-MSE ``||eps_hat - eps||^2``
+    summed over elements. ``x0_fake``: the fake score's (guided) output at ``x_g + sigma noise``, already computed
+    by the caller (with ``sigma`` and ``noise``; SiDA reads the discriminator's taps from the same forward).
     """
     x_g = x_g.detach()
-    if sigma is None:
-        sigma = lognormal_sigmas(x_g.shape[0], P_mean, P_std, x_g.device)
+    if sigma is None:  # inside a DDPM fake score's sigma range (its adapter would clamp only the timestep)
+        sigma = lognormal_sigmas(x_g.shape[0], P_mean, P_std, x_g.device, discrete_sigma_range(fake_score))
     noise = torch.randn_like(x_g) if noise is None else noise
     if x0_fake is None:
         x_t = x_g + append_dims(sigma, x_g.ndim) * noise

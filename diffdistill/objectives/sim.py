@@ -26,7 +26,7 @@ from torch import Tensor
 from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
-from diffdistill.objectives.common import data_noise_scale, discrete_sigma_range, lognormal_sigmas
+from diffdistill.objectives.common import data_noise_scale
 from diffdistill.objectives.score_identity import (
     check_num_steps,
     fake_score_loss,
@@ -116,7 +116,6 @@ class SIM(Objective):
         check_num_steps(generator, num_steps)
         # SiD's noise levels, at the data's sigma_data
         scale = self.noise_scale = data_noise_scale(teacher, generator, match_sigma_data)
-        self.fake_range = discrete_sigma_range(fake_score)
         check_sigma_init(generator, self.name, scale)
         self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
         D = math.prod(generator.sample_shape)
@@ -163,10 +162,8 @@ class SIM(Objective):
     def critic_loss(self, batch: Batch, step: int) -> LossOutput:
         with torch.no_grad():
             x_g, _ = generate(self.generator, batch, self.num_steps, grad=False)
-        # SiD's log-normal, inside a DDPM fake score's sigma range
-        sigma = lognormal_sigmas(x_g.shape[0], self.P_mean, self.P_std, x_g.device, self.fake_range)
         loss, logs = fake_score_loss(
-            self.fake_score, x_g, batch.cond, guidance_scale=self.fake_train_guidance_scale, sigma=sigma
+            self.fake_score, x_g, batch.cond, self.P_mean, self.P_std, self.fake_train_guidance_scale
         )
         return LossOutput(loss, logs)
 

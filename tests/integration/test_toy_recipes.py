@@ -20,7 +20,8 @@ NAMES = sorted(OBJECTIVES)
 # the one-step bar of each recipe on the project's mixture (sliced W2 as a multiple of the exact-vs-exact floor,
 # the largest error of a mode's mass): 2x and 0.02 where the recipe gets there; otherwise the measured bound
 # of the best recipe found, with the reason in the recipe's header (and in benchmarks/results/toy_quality.json)
-# (measured: benchmarks/bench_toy_quality.py, circle8, each recipe's own steps; the bar leaves ~15% for thread-count rounding)
+# (measured: benchmarks/bench_toy_quality.py, circle8, each recipe's own steps; the bar leaves ~15% for
+# thread-count rounding)
 BARS: dict[str, tuple[float, float]] = {
     "dmd": (2.2, 0.02),  # measured 1.96 / 0.008 (with the regression loss; 2.4 / 0.045 without)
     "dmd2": (2.2, 0.02),  # measured 1.92 / 0.008 (with DMD v1's regression, as dmd)

@@ -131,6 +131,13 @@ def test_ict_pseudo_huber_c_is_in_data_units():
     torch.testing.assert_close(pseudo_huber(C * r, c_ours), C * pseudo_huber(r, c_paper), rtol=1e-5, atol=0)
     assert _build(ICT, SD, match_sigma_data=False).pseudo_huber_c(x) == c_paper
     assert _build(ICT, SD, huber_c=1.0).pseudo_huber_c(x) == 1.0  # a given c is used as is
+    # CD / LCM's pseudo_huber distance takes the same data-unit default
+    from diffdistill.objectives.consistency import consistency_distance
+
+    cd = _build(ConsistencyDistillation, SD, distance="pseudo_huber")
+    assert cd.noise_scale == pytest.approx(C)
+    got = consistency_distance(r, torch.zeros_like(r), "pseudo_huber", None, None, cd.noise_scale)
+    torch.testing.assert_close(got, pseudo_huber(r, c_ours), rtol=1e-6, atol=0)
 
 
 def test_ect_r_of_t_is_the_papers_in_units_of_c():
