@@ -64,10 +64,15 @@ class RNGState:
             yield
 
 
-def default_huber_c(x: Tensor, noise_scale: float = 1.0) -> float:
+def ict_huber_c(num_elements: int, noise_scale: float = 1.0) -> float:
     """iCT's pseudo-Huber constant ``c = 0.00054 sqrt(D)``, ``D`` = elements per sample (Song & Dhariwal 2023, §3.3),
     stated for data at ``sigma_data = 0.5``: times ``noise_scale`` (``sigma_data / 0.5``) for data at another scale."""
-    return noise_scale * 0.00054 * float(x[0].numel()) ** 0.5
+    return noise_scale * 0.00054 * float(num_elements) ** 0.5
+
+
+def default_huber_c(x: Tensor, noise_scale: float = 1.0) -> float:
+    """:func:`ict_huber_c` for samples shaped like ``x`` (a batch)."""
+    return ict_huber_c(x[0].numel(), noise_scale)
 
 
 def build_lpips(net: str = "vgg", weights: str | None = None) -> nn.Module:

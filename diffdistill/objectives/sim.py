@@ -27,6 +27,7 @@ from diffdistill.conventions import append_dims
 from diffdistill.models.conditioning import Batch
 from diffdistill.objectives.base import LossOutput, Objective, Paper, PassCount, UpdateSchedule, register_objective
 from diffdistill.objectives.common import data_noise_scale
+from diffdistill.objectives.consistency import ict_huber_c
 from diffdistill.objectives.score_identity import (
     check_num_steps,
     fake_score_loss,
@@ -39,8 +40,6 @@ from diffdistill.objectives.score_identity import (
     truncated_karras_sigmas,
 )
 from diffdistill.objectives.sid import check_sigma_init, score_pass_count
-
-ICT_HUBER_C = 0.00054  # c = 0.00054 sqrt(D) of Song & Dhariwal (2023, §3.3), for differences in data units
 
 
 def pseudo_huber_grad(y: Tensor, c: float) -> Tensor:
@@ -61,7 +60,8 @@ class SIM(Objective):
       (``y = 0``) and descent direction as the divergence (tested on the Gaussian toy).
     * **Units, weight w(t) and c.** The distance acts on ``sigma^2 y = f_phi(x_t) - f_psi(x_t)`` (denoiser
       differences, in data units) with ``c = 0.00054 sqrt(D)`` (iCT's constant for data-unit differences, ``D`` =
-      elements per sample), and ``w(t) = sigma^2``. Then ``L = <d'(f_phi - f_psi), f_phi(x_t) - x_g>`` and the
+      elements per sample, stated for ``sigma_data = 0.5``: times ``sigma_data / 0.5`` with ``match_sigma_data``),
+      and ``w(t) = sigma^2``. Then ``L = <d'(f_phi - f_psi), f_phi(x_t) - x_g>`` and the
       gradient w.r.t. ``x_g`` is ``(J_{f_phi} - I)^T d'``, whose norm stays O(1) at every noise level without a
       normaliser (``J_{s_p} ~ -I / sigma^2`` at high noise). In score units this is the paper's pseudo-Huber with
       a noise-dependent ``c / sigma^2``: for each t a valid distance (zero iff the scores agree), so the
@@ -73,7 +73,8 @@ class SIM(Objective):
         teacher: frozen teacher (inputs differentiable: the gradient is a VJP through it).
         generator: the one-step (or ``num_steps``-step) student.
         fake_score: trainable denoiser initialised from the teacher.
-        c: pseudo-Huber constant in data units (``None`` = ``0.00054 sqrt(D)``; ``0`` = the unit vector ``y/|y|``).
+        c: pseudo-Huber constant in data units (``None`` = ``0.00054 sqrt(D)``, carried to
+            ``sigma_data`` as the noise levels; ``0`` = the unit vector ``y/|y|``).
         t_max, rho: the truncated Karras noise levels of the generator loss (as SiD).
         P_mean, P_std: log-normal noise levels of the fake-score loss (SiD's -1.2, 1.2 for ``sigma_data = 0.5``;
             ``P_mean + ln(sigma_data / 0.5)`` is used with ``match_sigma_data``).
@@ -119,7 +120,7 @@ class SIM(Objective):
         check_sigma_init(generator, self.name, scale)
         self.teacher, self.generator, self.fake_score = teacher, generator, fake_score
         D = math.prod(generator.sample_shape)
-        self.c = float(ICT_HUBER_C * math.sqrt(D) if c is None else c)
+        self.c = ict_huber_c(D, scale) if c is None else float(c)
         self.t_max, self.rho = float(t_max), float(rho)
         self.P_mean, self.P_std = float(P_mean) + math.log(scale), float(P_std)
         self.real_guidance_scale = real_guidance_scale

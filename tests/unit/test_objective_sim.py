@@ -77,7 +77,7 @@ def test_gradient_is_the_closed_form_teacher_vjp(sigma):
     sig = torch.full((32,), sigma)
     x_t = x + sigma * torch.randn_like(x)
     y = teacher(x_t, sig) - fake(x_t, sig)
-    c = 0.00054 * math.sqrt(D)
+    c = 0.00054 * math.sqrt(D) * float(teacher.sigma_data) / 0.5  # the default, at the teacher's sigma_data
     d_prime = y / (y.pow(2).sum(1, keepdim=True) + c * c).sqrt()
     want = -(sigma**2) / (S**2 + sigma**2) * d_prime
     torch.testing.assert_close(x_g.grad, want, rtol=1e-4, atol=1e-7)
@@ -113,8 +113,11 @@ def test_pseudo_huber_derivative():
 
 
 def test_default_c_is_icts_data_unit_constant():
-    _, _, _, obj = setup()
-    assert obj.c == pytest.approx(0.00054 * math.sqrt(D))
+    """iCT's c = 0.00054 sqrt(D) at sigma_data = 0.5, carried to the teacher's sigma_data like the noise levels."""
+    teacher, _, _, obj = setup()
+    assert float(teacher.sigma_data) != 0.5
+    assert obj.c == pytest.approx(0.00054 * math.sqrt(D) * float(teacher.sigma_data) / 0.5)
+    assert setup(match_sigma_data=False)[3].c == pytest.approx(0.00054 * math.sqrt(D))
     assert setup(c=0.0)[3].c == 0.0
     with pytest.raises(ValueError, match="c must be"):
         setup(c=-1.0)
