@@ -145,7 +145,8 @@ def overrides(objective: str, pipe: Path, run_dir: str, args, lora: bool = False
         "data.channels=3",
         f"data.limit={args.data_limit}",
         f"trainer.batch_size={BATCH}",
-        "trainer.device=cpu",
+        f"trainer.device={args.device}",
+        f"trainer.mixed_precision={args.mixed_precision}",
         f"trainer.num_threads={args.threads}",
         "trainer.sample_every=0",
         "trainer.checkpoint_every=0",
@@ -190,7 +191,8 @@ def set_prompt_cache(trainer, on: bool) -> None:
 class Split:
     """Exclusive wall time of named calls (a call's time minus the timed calls inside it), per ``train_step``."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync=None) -> None:
+        self.sync = sync or (lambda: None)  # torch.cuda.synchronize on a GPU: a call's time includes its kernels
         self.current: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.steps: list[dict[str, float]] = []
@@ -200,11 +202,13 @@ class Split:
         fn = getattr(obj, attr)
 
         def timed(*a, **kw):
+            self.sync()
             t0 = time.perf_counter()
             self._stack.append(0.0)
             try:
                 return fn(*a, **kw)
             finally:
+                self.sync()
                 dt = time.perf_counter() - t0
                 inner = self._stack.pop()
                 self.current[name] += dt - inner
@@ -231,7 +235,7 @@ class Split:
 
 def instrument(trainer) -> Split:
     """Timers around every call of one iteration that the peer's split names (full copies: roles are distinct)."""
-    s = Split()
+    s = Split(torch.cuda.synchronize if trainer.accelerator.device.type == "cuda" else None)
     t, roles = trainer.teacher, trainer.roles
     s.wrap(trainer, "train_step", "other")
     s.wrap(trainer.data, "next", "data")
@@ -324,12 +328,14 @@ def network_passes(args, pipe: Path) -> dict[str, Any]:
     behind the split."""
     from diffdistill.models.adapters.sd import sd_teacher
 
-    teacher = sd_teacher(str(pipe))
+    dev = torch.device(args.device)
+    teacher = sd_teacher(str(pipe)).to(dev)
     unet = teacher.denoiser.unet
-    lat = torch.randn(BATCH, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
-    emb = torch.randn(BATCH, 77, 32)
-    t = torch.randint(0, 1000, (BATCH,))
-    img = torch.rand(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
+    lat = torch.randn(BATCH, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2, device=dev)
+    emb = torch.randn(BATCH, 77, 32, device=dev)
+    t = torch.randint(0, 1000, (BATCH,), device=dev)
+    img = torch.rand(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, device=dev) * 2 - 1
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     prompts = [f"a photo of a class {i}" for i in range(BATCH)]
     enc = teacher.prompt_encoder
 
@@ -337,8 +343,10 @@ def network_passes(args, pipe: Path) -> dict[str, Any]:
         fn()
         ts = []
         for _ in range(n):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             ts.append(1000 * (time.perf_counter() - t0))
         return round(statistics.median(ts), 2)
 
@@ -457,6 +465,8 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=10, help="alternated (LCM, fine-tune) pairs per round and cache mode")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu | cuda (benchmarks/gpu_session.sh)")
+    p.add_argument("--mixed-precision", default="no", help="no | bf16 (trainer.mixed_precision; CPU: fp32 only)")
     p.add_argument("--data-limit", type=int, default=2048)
     p.add_argument("--unit-repeats", type=int, default=10)
     p.add_argument("--memory-steps", type=int, default=4)
@@ -477,7 +487,9 @@ def main() -> None:
         args.rounds, args.pairs, args.warmup, args.no_memory, args.unit_repeats = 1, 2, 1, True, 2
         if Path(args.out) == RESULTS / "t2i_step.json":  # a smoke run never replaces the committed result
             args.out = str(Path(tempfile.gettempdir()) / "t2i_step_quick.json")
-    info = machine_info("cpu")
+    if args.device != "cpu":
+        args.no_memory = True  # the memory rows read the CPU process's resident set
+    info = machine_info(args.device)
     out = Path(args.out)
     result: dict[str, Any] = json.loads(out.read_text()) if args.merge and out.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -489,7 +501,8 @@ def main() -> None:
             {
                 "settings": {
                     "batch_size": BATCH,
-                    "precision": "fp32",
+                    "precision": "fp32" if args.mixed_precision == "no" else args.mixed_precision,
+                    "device": args.device,
                     "warmup_steps": args.warmup,
                     "lcm_overrides": recorded_overrides("lcm", args),
                     "finetune_overrides": recorded_overrides("edm", args),

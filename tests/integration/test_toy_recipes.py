@@ -30,9 +30,10 @@ BARS: dict[str, tuple[float, float]] = {
     "scm": (2.1, 0.025),  # measured 1.81 / 0.020 (15k steps)
     "add": (3.3, 0.03),  # measured 2.87 / 0.023 (15k steps)
     "ladd": (4.3, 0.04),  # measured 3.77 / 0.033 (15k steps)
-    # score-fitting objectives barely see the weights of separated modes (experiment/toy_gmm/{sid,sim}.yaml headers)
+    # score-fitting objectives barely see the weights of separated modes; SIM's update is sign-like
+    # (experiment/toy_gmm/{sid,sim}.yaml headers)
     "sid": (2.8, 0.02),  # measured 2.45 / 0.011 (8,000 steps; noise levels carried to sigma_data)
-    "sim": (2.9, 0.025),  # measured 2.50 / 0.018 (2.48 / 0.020 at the paper's noise levels)
+    "sim": (2.5, 0.027),  # measured 2.12 / 0.023 (sigma_init 1.0; 2.50 / 0.018 at SiD's 2.5)
     # the LoRA fake score tracks the generator loosely: modes too wide (experiment/toy_gmm/vsd.yaml header)
     "vsd": (2.6, 0.02),  # measured 2.21 / 0.014 (8,000 steps)
     "sida": (2.8, 0.025),  # measured 2.44 / 0.017 (2.11 / 0.015 at the paper's noise levels)
