@@ -51,6 +51,7 @@ from _common import (
     count_params,
     finish_info,
     machine_info,
+    sync,
     tensor_bytes,
     write_result,
 )
@@ -191,8 +192,8 @@ def set_prompt_cache(trainer, on: bool) -> None:
 class Split:
     """Exclusive wall time of named calls (a call's time minus the timed calls inside it), per ``train_step``."""
 
-    def __init__(self, sync=None) -> None:
-        self.sync = sync or (lambda: None)  # torch.cuda.synchronize on a GPU: a call's time includes its kernels
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = device  # on a GPU every timer synchronises: a call's time includes its kernels
         self.current: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.steps: list[dict[str, float]] = []
@@ -202,13 +203,13 @@ class Split:
         fn = getattr(obj, attr)
 
         def timed(*a, **kw):
-            self.sync()
+            sync(self.device)
             t0 = time.perf_counter()
             self._stack.append(0.0)
             try:
                 return fn(*a, **kw)
             finally:
-                self.sync()
+                sync(self.device)
                 dt = time.perf_counter() - t0
                 inner = self._stack.pop()
                 self.current[name] += dt - inner
@@ -235,7 +236,7 @@ class Split:
 
 def instrument(trainer) -> Split:
     """Timers around every call of one iteration that the peer's split names (full copies: roles are distinct)."""
-    s = Split(torch.cuda.synchronize if trainer.accelerator.device.type == "cuda" else None)
+    s = Split(trainer.accelerator.device)
     t, roles = trainer.teacher, trainer.roles
     s.wrap(trainer, "train_step", "other")
     s.wrap(trainer.data, "next", "data")
@@ -335,7 +336,6 @@ def network_passes(args, pipe: Path) -> dict[str, Any]:
     emb = torch.randn(BATCH, 77, 32, device=dev)
     t = torch.randint(0, 1000, (BATCH,), device=dev)
     img = torch.rand(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, device=dev) * 2 - 1
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     prompts = [f"a photo of a class {i}" for i in range(BATCH)]
     enc = teacher.prompt_encoder
 
@@ -343,10 +343,10 @@ def network_passes(args, pipe: Path) -> dict[str, Any]:
         fn()
         ts = []
         for _ in range(n):
-            sync()
+            sync(dev)
             t0 = time.perf_counter()
             fn()
-            sync()
+            sync(dev)
             ts.append(1000 * (time.perf_counter() - t0))
         return round(statistics.median(ts), 2)
 

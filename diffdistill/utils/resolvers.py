@@ -10,6 +10,9 @@ to read it; other data (images scaled to ``[-1, 1]``) give the papers' 0.5 witho
 ``${dd.data_sigma:2.5,${data}}``: a paper's noise level, stated for ``sigma_data = 0.5``, carried to the dataset's
 ``sigma_data`` (``2.5 sigma_data / 0.5``): what rescaling the data to 0.5 would give (SiD's ``sigma_init`` on a toy).
 
+``${dd.steps_fraction:${trainer.max_steps},0.1}``: a fraction of the run in whole steps (at least 1), so a recipe's
+warm-up or stage length that the paper states as a share of training follows ``trainer.max_steps``.
+
 ``${dd.sd_sigmas:999,499}``: the EDM sigmas of DDPM timesteps under Stable Diffusion's training schedule
 (``scaled_linear``, betas 0.00085..0.012, 1000 steps: SD 1.x / 2.x, SDXL), exactly, so that papers' timestep lists
 (DMD2's 999/749/499/249) become ``student.sampling_sigmas`` that export to ``LCMScheduler`` timesteps unchanged.
@@ -51,6 +54,15 @@ def data_num_classes(node: DictConfig) -> int | None:
     return getattr(ds, "num_classes", None) if ds is not None else node.get("num_classes")
 
 
+def steps_fraction(max_steps: int, fraction: float) -> int:
+    """``round(fraction * max_steps)`` steps, at least 1 (``fraction`` in ``(0, 1]``)."""
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"dd.steps_fraction needs a positive integer step count, got {max_steps!r}")
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"dd.steps_fraction takes a fraction in (0, 1], got {fraction!r}")
+    return max(1, round(float(fraction) * max_steps))
+
+
 def sd_sigmas(*timesteps: int) -> list[float] | float:
     """EDM sigmas ``sqrt((1 - abar_t) / abar_t)`` of integer timesteps of SD's ``scaled_linear`` schedule: a list,
     or one float for one timestep (``student.sigma_init: ${dd.sd_sigmas:625}``)."""
@@ -72,5 +84,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("dd.data_sigma", data_sigma, use_cache=False)
     if not OmegaConf.has_resolver("dd.num_classes"):
         OmegaConf.register_new_resolver("dd.num_classes", data_num_classes, use_cache=False)
+    if not OmegaConf.has_resolver("dd.steps_fraction"):
+        OmegaConf.register_new_resolver("dd.steps_fraction", steps_fraction)
     if not OmegaConf.has_resolver("dd.sd_sigmas"):
         OmegaConf.register_new_resolver("dd.sd_sigmas", sd_sigmas)

@@ -50,6 +50,24 @@ def test_every_objective_has_a_toy_recipe_with_the_exact_teacher(name):
     assert cfg.data._target_ == "diffdistill.data.GaussianMixtureToy"
 
 
+@pytest.mark.parametrize(
+    ("name", "key", "fraction"),
+    [("scm", "tangent_warmup_steps", 0.1), ("rcm", "tangent_warmup_steps", 0.1), ("ect", "double_every", 0.125)],
+)
+def test_recipe_schedules_stated_as_a_share_of_the_run_follow_max_steps(name, key, fraction):
+    """A warm-up or stage length that the recipe states as a share of training scales with ``trainer.max_steps``."""
+    from diffdistill.utils.resolvers import steps_fraction
+
+    default = compose_train([f"experiment=toy_gmm/{name}"])
+    assert default.objective[key] == round(fraction * default.trainer.max_steps)
+    assert compose_train([f"experiment=toy_gmm/{name}", "trainer.max_steps=5001"]).objective[key] == round(
+        fraction * 5001
+    )
+    assert steps_fraction(3, 0.1) == 1  # never 0 steps
+    with pytest.raises(ValueError, match="fraction"):
+        steps_fraction(100, 1.5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_toy_recipe_reaches_the_exact_distribution(name, tmp_path):
