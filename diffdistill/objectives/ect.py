@@ -28,6 +28,7 @@ from diffdistill.objectives.consistency import (
     ConsistencyDistillation,
     RNGState,
     default_huber_c,
+    heun_step,
     require_boundary_condition,
 )
 from diffdistill.schedules.karras import karras_sigmas
@@ -75,6 +76,19 @@ def _norm_distance(diff: Tensor, c: float) -> Tensor:
     return torch.linalg.vector_norm(diff.flatten(1), dim=1)
 
 
+PAIRS = ("data", "teacher")
+
+
+def check_pair(pair: str, teacher: nn.Module | None, name: str) -> str:
+    """``pair``: ``"data"`` (consistency training, the papers') or ``"teacher"`` (an ablation: the lower point of
+    the pair is the teacher's Heun step from the upper one, as in consistency distillation)."""
+    if pair not in PAIRS:
+        raise ValueError(f"objective.pair must be one of {PAIRS}, got {pair!r}")
+    if pair == "teacher" and teacher is None:
+        raise ValueError(f"{name} with objective.pair=teacher needs a teacher (the backbone config group)")
+    return pair
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -94,6 +108,9 @@ class ICT(Objective):
         match_sigma_data: the grid and ``P_mean`` are the paper's for ``sigma_data = 0.5``; with the teacher's
             ``c = sigma_data / 0.5`` use ``[c sigma_min, c sigma_max]``, ``P_mean + ln c`` and the default
             pseudo-Huber ``c`` times c (:func:`~diffdistill.conventions.noise_scale`; exact at 0.5).
+        pair: ``"data"`` (the paper: ``x0 + sigma_i z``, the one-sample estimate of the PF-ODE step) or
+            ``"teacher"`` (an ablation that isolates that estimate: the teacher's Heun step from
+            ``x0 + sigma_{i+1} z`` to ``sigma_i``, i.e. CD (Song et al. 2023, Eq. 7) on iCT's grid and loss).
     """
 
     name = "ict"
@@ -117,7 +134,9 @@ class ICT(Objective):
         huber_c: float | None = None,
         boundary_condition: bool = True,
         match_sigma_data: bool = True,
+        pair: str = "data",
     ):
+        self.pair = check_pair(pair, teacher, "ICT")
         self.generator, self.teacher = generator, teacher
         c = data_noise_scale(teacher, generator, match_sigma_data)
         self.sigma_min, self.sigma_max, self.rho = c * float(sigma_min), c * float(sigma_max), float(rho)
@@ -151,11 +170,18 @@ class ICT(Objective):
         i = torch.multinomial(probs, x0.shape[0], replacement=True)
         sigma_lo, sigma_hi = sigmas[i].to(x0.device), sigmas[i + 1].to(x0.device)
         z = torch.randn_like(x0)  # the same z for both points
+        x_hi = x0 + append_dims(sigma_hi, x0.ndim) * z
+        with torch.no_grad():
+            if self.pair == "teacher":
+                x_lo = heun_step(self.teacher, x_hi, sigma_hi, sigma_lo, cond)
+            else:
+                # (iCT Eq. 6) the one-sample PF-ODE step: the same z at the lower level
+                x_lo = x0 + append_dims(sigma_lo, x0.ndim) * z
         rng = RNGState(x0.device)
-        pred = self.generator.denoise(x0 + append_dims(sigma_hi, x0.ndim) * z, sigma_hi, cond)
+        pred = self.generator.denoise(x_hi, sigma_hi, cond)
         with torch.no_grad(), rng.replay():
             # theta- = stopgrad(theta): the online weights, same dropout mask
-            target = self.generator.denoise(x0 + append_dims(sigma_lo, x0.ndim) * z, sigma_lo, cond)
+            target = self.generator.denoise(x_lo, sigma_lo, cond)
         c = self.pseudo_huber_c(x0)
         # (iCT Eq. 10) lambda(sigma_i) = 1/(sigma_{i+1} - sigma_i); pseudo-Huber on the flattened sample
         dist = _norm_distance(pred - target, c)
@@ -163,7 +189,7 @@ class ICT(Objective):
         return LossOutput(loss, {"distance": float(dist.detach().mean()), "num_scales": float(len(sigmas))})
 
     def pass_count(self) -> PassCount:
-        return PassCount(forward=1.0, forward_grad=1.0, backward=1.0)
+        return PassCount(forward=1.0 + (2.0 if self.pair == "teacher" else 0.0), forward_grad=1.0, backward=1.0)
 
 
 @register_objective
@@ -182,6 +208,9 @@ class ECT(Objective):
         match_sigma_data: ``P_mean`` and ``r(t)`` are the paper's for ``sigma_data = 0.5``; with the teacher's
             ``c = sigma_data / 0.5`` use ``P_mean + ln c`` and ``r = c r_paper(t / c)``
             (:func:`~diffdistill.conventions.noise_scale`; exact at 0.5).
+        pair: ``"data"`` (the paper: ``x_r = y + r eps``) or ``"teacher"`` (an ablation that isolates the one-sample
+            estimate: ``x_r`` is the teacher's Heun step from ``x_t`` to ``r``; where ``r = 0`` the target is the
+            teacher's ``D(x_t, t)``, its Euler step to 0, instead of ``y``).
     """
 
     name = "ect"
@@ -204,7 +233,9 @@ class ECT(Objective):
         huber_c: float = 0.0,
         weighting: str = "ect",
         match_sigma_data: bool = True,
+        pair: str = "data",
     ):
+        self.pair = check_pair(pair, teacher, "ECT")
         if weighting not in ("ect", "karras"):
             raise ValueError(f"unknown weighting '{weighting}' (use 'ect' or 'karras')")
         ect_r(torch.ones(1), 0, q, k, b, mapping)  # validates the mapping
@@ -232,13 +263,21 @@ class ECT(Objective):
         t = lognormal_sigmas(B, self.P_mean, self.P_std, y.device, self.sigma_range)
         r = self.r_of_t(t, step)
         eps = torch.randn_like(y)  # the same eps for both points
+        x_t = y + append_dims(t, y.ndim) * eps
+        r_safe = torch.where(r > 0, r, t)  # never evaluates a network at sigma = 0
+        with torch.no_grad():
+            if self.pair == "teacher":
+                x_r = heun_step(self.teacher, x_t, t, r_safe, cond)
+                clean = self.teacher(x_t, t, cond)  # the Euler step to sigma = 0
+            else:
+                # (ECT Eq. 6) the one-sample PF-ODE step: the same eps at r, and y itself at r = 0
+                x_r, clean = y + append_dims(r_safe, y.ndim) * eps, y
         rng = RNGState(y.device)
-        pred = self.generator.denoise(y + append_dims(t, y.ndim) * eps, t, cond)
+        pred = self.generator.denoise(x_t, t, cond)
         with torch.no_grad(), rng.replay():
-            r_safe = torch.where(r > 0, r, t)  # never evaluates the network at sigma = 0
-            target = self.generator.denoise(y + append_dims(r_safe, y.ndim) * eps, r_safe, cond)
-            # r <= 0: the boundary f(y, 0) = y gives the clean sample; NaNs in the target are zeroed
-            target = torch.where(append_dims(r > 0, y.ndim), torch.nan_to_num(target), y)
+            target = self.generator.denoise(x_r, r_safe, cond)
+            # r <= 0: the boundary f(x, 0) = x gives the clean point; NaNs in the target are zeroed
+            target = torch.where(append_dims(r > 0, y.ndim), torch.nan_to_num(target), clean)
         dist = _norm_distance(pred - target, self.huber_c)
         if self.weighting == "ect":
             # (ECT Eq. 6) d(f(x_t, t), f_sg(x_r, r)) / (t - r)
@@ -256,4 +295,4 @@ class ECT(Objective):
         )
 
     def pass_count(self) -> PassCount:
-        return PassCount(forward=1.0, forward_grad=1.0, backward=1.0)
+        return PassCount(forward=1.0 + (3.0 if self.pair == "teacher" else 0.0), forward_grad=1.0, backward=1.0)

@@ -223,6 +223,41 @@ def test_ect_clean_target_where_r_is_zero():
     assert float(obj_late.generator_loss(Batch(y), 3 * obj_late.double_every).loss.abs().max()) > 0  # x_t != x_r
 
 
+class _DiracTeacher(nn.Module):
+    """The exact denoiser of a point mass at 0: D(x, sigma) = 0, whose PF-ODE x(sigma) = x_t sigma / t is what the
+    one-sample pair x0 + sigma z gives at x0 = 0 (and what one Heun step of it gives exactly)."""
+
+    def forward(self, x, sigma, cond=None, guidance_scale=None):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("name", ["ict", "ect"])
+def test_teacher_pair_is_the_data_pair_where_the_one_sample_step_is_exact(name):
+    """objective.pair=teacher (the CD ablation of iCT / ECT): at data x0 = 0 with its exact teacher the one-sample
+    step is the PF-ODE step, so both pairs give the same loss; at x0 = 1 (the same teacher, now wrong) they differ."""
+    inner = edm_mlp(dim=DIM, hidden=32, depth=2)
+
+    def losses(x0):
+        out = []
+        for pair in ("data", "teacher"):
+            torch.manual_seed(0)
+            gen = Generator(ConsistencyDenoiser(inner, sigma_min=0.002) if name == "ict" else inner)
+            kw = {"total_steps": 800} if name == "ict" else {"double_every": 100}
+            obj = OBJECTIVES[name](generator=gen, teacher=_DiracTeacher(), pair=pair, **kw)
+            out.append(obj.generator_loss(Batch(x0), 350).loss.detach())
+        return out
+
+    data, teacher = losses(torch.zeros(256, DIM))
+    assert float(data.abs().mean()) > 0.01
+    torch.testing.assert_close(teacher, data, rtol=1e-4, atol=1e-6)
+    data, teacher = losses(torch.ones(256, DIM))
+    assert float((teacher - data).abs().mean()) > 0.01 * float(data.abs().mean())
+    with pytest.raises(ValueError, match="objective.pair=teacher needs a teacher"):
+        OBJECTIVES[name](generator=Generator(inner), pair="teacher")
+    with pytest.raises(ValueError, match="objective.pair must be one of"):
+        OBJECTIVES[name](generator=Generator(inner), teacher=_DiracTeacher(), pair="ode")
+
+
 def test_weighted_l2_limit_as_r_approaches_t(toy):
     """docs/invariants.md §3: ||f(x_t, t) - f(x_r, r)|| / (t - r) tends to a finite non-zero limit for a
     non-consistent f and to 0 for the exact consistency function f* (x_r on the teacher's ODE from x_t)."""
