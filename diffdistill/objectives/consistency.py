@@ -148,10 +148,14 @@ def cd_weight(sigma: Tensor, kind: str, sigma_data: float) -> Tensor:
     raise ValueError(f"unknown weighting '{kind}' (one of {CD_WEIGHTINGS})")
 
 
-def heun_step(teacher: nn.Module, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond, guidance_scale=None) -> Tensor:
-    """One Heun step of the PF-ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` (Karras et al. 2022, Alg. 1)."""
+def heun_step(
+    teacher: nn.Module, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond, guidance_scale=None, denoised=None
+) -> Tensor:
+    """One Heun step of the PF-ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` (Karras et al. 2022, Alg. 1);
+    ``denoised``: ``D(x, sigma)`` when the caller has it already (one teacher pass fewer)."""
     s, s_next = append_dims(sigma, x.ndim), append_dims(sigma_next, x.ndim)
-    d = (x - teacher(x, sigma, cond, guidance_scale=guidance_scale)) / s
+    x0_hat = teacher(x, sigma, cond, guidance_scale=guidance_scale) if denoised is None else denoised
+    d = (x - x0_hat) / s
     x_euler = x + (s_next - s) * d
     d_next = (x_euler - teacher(x_euler, sigma_next, cond, guidance_scale=guidance_scale)) / s_next
     return x + (s_next - s) * 0.5 * (d + d_next)

@@ -267,8 +267,8 @@ class ECT(Objective):
         r_safe = torch.where(r > 0, r, t)  # never evaluates a network at sigma = 0
         with torch.no_grad():
             if self.pair == "teacher":
-                x_r = heun_step(self.teacher, x_t, t, r_safe, cond)
-                clean = self.teacher(x_t, t, cond)  # the Euler step to sigma = 0
+                clean = self.teacher(x_t, t, cond)  # D(x_t, t): the Euler step to sigma = 0, and Heun's first stage
+                x_r = heun_step(self.teacher, x_t, t, r_safe, cond, denoised=clean)
             else:
                 # (ECT Eq. 6) the one-sample PF-ODE step: the same eps at r, and y itself at r = 0
                 x_r, clean = y + append_dims(r_safe, y.ndim) * eps, y
@@ -295,4 +295,4 @@ class ECT(Objective):
         )
 
     def pass_count(self) -> PassCount:
-        return PassCount(forward=1.0 + (3.0 if self.pair == "teacher" else 0.0), forward_grad=1.0, backward=1.0)
+        return PassCount(forward=1.0 + (2.0 if self.pair == "teacher" else 0.0), forward_grad=1.0, backward=1.0)

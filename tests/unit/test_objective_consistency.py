@@ -227,7 +227,10 @@ class _DiracTeacher(nn.Module):
     """The exact denoiser of a point mass at 0: D(x, sigma) = 0, whose PF-ODE x(sigma) = x_t sigma / t is what the
     one-sample pair x0 + sigma z gives at x0 = 0 (and what one Heun step of it gives exactly)."""
 
+    calls = 0
+
     def forward(self, x, sigma, cond=None, guidance_scale=None):
+        self.calls += 1
         return torch.zeros_like(x)
 
 
@@ -243,8 +246,11 @@ def test_teacher_pair_is_the_data_pair_where_the_one_sample_step_is_exact(name):
             torch.manual_seed(0)
             gen = Generator(ConsistencyDenoiser(inner, sigma_min=0.002) if name == "ict" else inner)
             kw = {"total_steps": 800} if name == "ict" else {"double_every": 100}
-            obj = OBJECTIVES[name](generator=gen, teacher=_DiracTeacher(), pair=pair, **kw)
+            teacher = _DiracTeacher()
+            obj = OBJECTIVES[name](generator=gen, teacher=teacher, pair=pair, **kw)
             out.append(obj.generator_loss(Batch(x0), 350).loss.detach())
+            # the pass count's teacher forwards are the ones made (Heun: 2; the data pair: none)
+            assert teacher.calls == obj.pass_count().forward - 1.0
         return out
 
     data, teacher = losses(torch.zeros(256, DIM))
