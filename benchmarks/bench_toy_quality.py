@@ -71,10 +71,25 @@ def two_step_sigmas(generator, sigma_data: float, mid: float) -> list[float]:
     return [float(generator.sigma_init), mid * sigma_data / 0.5]
 
 
-def evaluate(trainer, dataset, reference, num: int) -> dict[str, float]:
+def evaluate(trainer, dataset, reference, num: int) -> dict[str, Any]:
+    """Scores of the highest-decay EMA track (the trainer's default student); where the run keeps several
+    tracks (``trainer.ema_decays``), each other one's one-step scores under ``by_ema`` (an EMA ablation for the
+    price of one run)."""
+    out = evaluate_track(trainer, dataset, reference, num, None)
+    others = sorted(trainer.emas)[:-1]
+    if others:
+        out["by_ema"] = {
+            f"{d:g}": {k: v for k, v in evaluate_track(trainer, dataset, reference, num, d).items()
+                       if k.startswith(("one_step", "two_step_sw2"))}
+            for d in others
+        }  # fmt: skip
+    return out
+
+
+def evaluate_track(trainer, dataset, reference, num: int, decay: float | None) -> dict[str, float]:
     from diffdistill.evaluation.toy import evaluate_toy
 
-    gen = trainer.ema_generator().eval()
+    gen = trainer.ema_generator(decay).eval()
     floor = reference.floor["sw2"]
     out: dict[str, float] = {}
     steps = {"one_step": None}
