@@ -40,7 +40,7 @@ def truncated_karras_sigmas(
     return (hi + (1 - u) * (lo - hi)) ** rho
 
 
-SIGMA_SAMPLINGS = ("karras", "ddpm")
+SIGMA_SAMPLINGS = ("karras", "ddpm", "lognormal")
 
 
 def ddpm_timestep_sigmas(schedule, n: int, t_min: int, t_max: int, device: torch.device | str = "cpu") -> Tensor:

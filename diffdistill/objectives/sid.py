@@ -124,7 +124,9 @@ class SiD(Objective):
             their activations are recomputed in the backward (one more forward of each, less memory).
         sigma_sampling: ``"karras"`` (SiD: the generator loss on the truncated Karras ramp, the fake loss log-normal)
             or ``"ddpm"`` (SiD-LSG on SD: both losses at DDPM timesteps ``t ~ U{t_min..t_max - 1}`` of the teacher's
-            own schedule, ``--tmin 20 --tmax 980``; ``P_mean``, ``P_std`` and ``rho`` are then unused).
+            own schedule, ``--tmin 20 --tmax 980``; ``P_mean``, ``P_std`` and ``rho`` are then unused) or
+            ``"lognormal"`` (an ablation: the generator loss at the fake loss's ``ln sigma ~ N(P_mean, P_std^2)``,
+            Diff-Instruct's law for both; ``t_max`` and ``rho`` unused).
         t_min: the smallest DDPM timestep of ``sigma_sampling="ddpm"`` (SiD-LSG: 20; unused with ``karras``).
         fake_weighting: ``lambda(sigma)`` of the fake-score loss: ``"edm"`` (``1/sigma^2 + 1/sigma_d^2``, SiD),
             ``"eps"`` (``1/sigma^2``: SiD-LSG's eps-MSE) or ``"none"``.
@@ -202,6 +204,8 @@ class SiD(Objective):
         """Noise levels of the generator loss: the truncated Karras ramp, or DDPM timesteps (``ddpm``)."""
         if self.ddpm is not None:
             return ddpm_timestep_sigmas(self.ddpm, n, self.t_min, int(self.t_max), device)
+        if self.sigma_sampling == "lognormal":
+            return self.fake_sigmas(n, device)
         # the Karras ramp of a teacher trained at sigma_data = 0.5, in the data's units (x c, as for the P_mean)
         c = self.noise_scale
         return truncated_karras_sigmas(

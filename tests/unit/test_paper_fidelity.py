@@ -102,6 +102,23 @@ def test_sid_ddpm_sigmas_are_the_scripts_randint_timesteps():
     assert got.min() >= lo and got.max() <= hi and got.max() == pytest.approx(hi)  # t = 980 is never drawn
 
 
+def test_sid_lognormal_sigmas_are_the_fake_loss_law_for_both_losses():
+    """``sigma_sampling=lognormal`` (an ablation): the generator loss draws ``ln sigma ~ N(P_mean, P_std^2)`` exactly
+    as the fake-score loss does (Diff-Instruct's law for both), not the truncated Karras ramp."""
+    from diffdistill.objectives import SiD
+
+    teacher = Teacher(GaussianDenoiser(torch.zeros(D), torch.ones(D)))
+    gen = Generator(AffineDenoiser(D, 0.5, 0.0), sigma_init=2.5)
+    obj = SiD(teacher, gen, FakeScore.from_teacher(teacher), sigma_sampling="lognormal", P_mean=-0.4, P_std=0.6)
+    torch.manual_seed(5)
+    got = obj.sample_sigmas(20000, "cpu")
+    torch.manual_seed(5)
+    assert torch.equal(got, obj.fake_sigmas(20000, "cpu"))
+    # P_mean carried to the teacher's sigma_data (1 here): + ln(sigma_data / 0.5)
+    assert float(got.log().mean()) == pytest.approx(-0.4 + math.log(float(teacher.sigma_data) / 0.5), abs=0.02)
+    assert float(got.log().std()) == pytest.approx(0.6, abs=0.02)
+
+
 def test_sid_ddpm_sampling_needs_a_ddpm_teacher_and_integer_timesteps():
     from diffdistill.objectives import SiD
 
