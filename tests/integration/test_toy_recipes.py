@@ -27,13 +27,13 @@ BARS: dict[str, tuple[float, float]] = {
     "ect": (2.4, 0.02),  # measured 2.10 / 0.009 (8 stages, huber_c 1, 30k steps)
     "add": (3.3, 0.03),  # measured 2.87 / 0.023 (15k steps)
     "ladd": (4.3, 0.04),  # measured 3.77 / 0.033 (15k steps)
-    # SIM's update is sign-like (experiment/toy_gmm/sim.yaml header)
+    # SIM's mode masses drift as its modes sharpen (experiment/toy_gmm/sim.yaml header)
     "sim": (2.5, 0.027),  # measured 2.12 / 0.023 (sigma_init 1.0; 2.50 / 0.018 at SiD's 2.5)
-    "sida": (2.8, 0.025),  # measured 2.44 / 0.017 (2.11 / 0.015 at the paper's noise levels)
 }
 # e.g. dmd 1.18 / 0.005, dmd2 1.17 / 0.005, fdistill 1.19, diff_instruct 1.18 (8,000 steps), ict 1.81 / 0.005,
-# scm 1.08 / 0.008 (30,000 steps), rcm 1.75 / 0.009 (15,000 steps, a student step every 2),
-# vsd 1.52 / 0.008 (8,000 steps, rank-128 LoRA, sigma_init 1.0), sid 1.43 / 0.013 (8,000 steps, no normaliser)
+# scm 1.08 / 0.008 (30,000 steps), rcm 1.43 / 0.008 (20,000 steps, a student step every 2),
+# vsd 1.52 / 0.008 (8,000 steps, rank-128 LoRA, sigma_init 1.0), sid 1.43 / 0.013,
+# sida 1.16 / 0.009 (8,000 steps, no normaliser)
 DEFAULT_BAR = (2.0, 0.02)
 
 
