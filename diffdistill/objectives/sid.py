@@ -201,7 +201,8 @@ class SiD(Objective):
 
     # ------------------------------------------------------------------------------------------
     def sample_sigmas(self, n: int, device) -> Tensor:
-        """Noise levels of the generator loss: the truncated Karras ramp, or DDPM timesteps (``ddpm``)."""
+        """Noise levels of the generator loss: the truncated Karras ramp, DDPM timesteps (``ddpm``) or the fake
+        loss's log-normal (``lognormal``)."""
         if self.ddpm is not None:
             return ddpm_timestep_sigmas(self.ddpm, n, self.t_min, int(self.t_max), device)
         if self.sigma_sampling == "lognormal":
